@@ -1,0 +1,55 @@
+"""The paper's pretraining setting (Sec. 6.2): ResNet-18, SGD lr 1e-3, wd 1e-4, momentum 0.9,
+cosine decay, batch 64, 200 epochs, multi-crop. Other configs start from this one.
+
+    --config=experiments/configs/paper.py:imagewoof,simsiam   # dataset,method
+
+(default "imagenette,vi_simsiam").
+
+The paper does not give its multi-crop sizes; we use SwAV's recipe scaled to the 160 px data:
+2 global crops of 128 px (scale 0.2-1) and 4 local crops of 64 px (scale 0.05-0.2).
+"""
+
+import ml_collections
+
+
+def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collections.ConfigDict:
+    dataset, method = dataset_and_method.split(",")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: "imagenette", "imagewoof" or a folder with train/<class>/* and val/<class>/*.
+    config.dataset = dataset
+    config.data_dir = ""  # tfds data_dir; empty = the tfds default (~/tensorflow_datasets)
+    config.archive = ""  # local .tgz or extracted folder; empty = $VI_SIMSIAM_DATASETS lookup
+
+    # Multi-crop views (global crops are the only targets).
+    config.global_crops = 2
+    config.global_size = 128
+    config.global_scale = (0.2, 1.0)
+    config.local_crops = 4
+    config.local_size = 64
+    config.local_scale = (0.05, 0.2)
+
+    # Method: "vi_simsiam" (Eq. 12) or "simsiam" (Eq. 1); target "stopgrad" (SimSiam) or "ema"
+    # (BYOL / VI-BYOL, with ema_decay).
+    config.method = method
+    config.target = "stopgrad"
+    config.ema_decay = 0.996
+    config.model = ml_collections.ConfigDict(dict(
+        stem="imagenet", width=64, zero_init_residual=True, proj_hidden_dim=2048, dim=2048,
+        pred_dim=512, kappa_map="softplus", kappa_min=1.0))
+
+    # Optimisation.
+    config.batch_size = 64  # global, over all devices and hosts
+    config.num_epochs = 200
+    config.learning_rate = 1e-3
+    config.warmup_epochs = 0.0
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.fix_predictor_lr = False
+
+    # Loop.
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    return config

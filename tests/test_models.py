@@ -1,0 +1,310 @@
+"""ResNet-18 backbone, heads, SiameseNet, multi-view forward, EMA and target projections."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vi_simsiam_jax import losses, models
+
+SIZES = (32, 64, 96, 128, 160, 224)
+TINY = dict(width=4, proj_hidden_dim=16, dim=8, pred_dim=4)
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _shape_init(model: nn.Module, x_shape):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x_shape), train=False))
+
+
+def _random_variables(model: nn.Module, x_shape, seed: int = 0):
+    """Variables of init's structure filled with numpy draws: no XLA compile of the initialisers
+    (threefry init of a ResNet takes ~10 s of CPU to compile)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        scale = 1.0 / np.sqrt(np.prod(leaf.shape[:-1])) if name == "kernel" else 0.3
+        return jnp.asarray(rng.normal(size=leaf.shape) * scale + (name == "scale"), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, _shape_init(model, x_shape))
+
+
+# XLA's CPU backend optimisations take most of the compile time of these tiny networks.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _run(net: nn.Module, variables, inputs, train: bool, method=None, **kwargs):
+    """net.apply under jit (one XLA compile, instead of one per op in eager mode); with train,
+    returns (output, updated batch_stats) like apply with mutable=["batch_stats"]."""
+    mutable = ["batch_stats"] if train else False
+    return _jit(lambda v, x: net.apply(v, x, train, method=method, mutable=mutable, **kwargs))(
+        variables, inputs)
+
+
+def _normal(shape, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _torch_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def test_imagenet_backbone_param_count():
+    variables = _shape_init(models.ResNet18(stem="imagenet"), (1, 224, 224, 3))
+    # torchvision resnet18 has 11,689,512 parameters; its fc layer has 512 * 1000 + 1000.
+    assert _count(variables["params"]) == 11_689_512 - 513_000 == 11_176_512
+    assert set(variables) == {"params", "batch_stats"}
+    # No conv has a bias; every kernel is (kh, kw, cin, cout).
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+        name = path[-1].key
+        assert name in ("kernel", "scale", "bias")
+        if name == "kernel":
+            assert leaf.ndim == 4
+        else:
+            assert "bn" in path[-2].key
+
+
+@pytest.mark.parametrize("stem", models.STEMS)
+@pytest.mark.parametrize("size", SIZES)
+def test_backbone_output_shapes(stem, size):
+    model = models.ResNet18(stem=stem)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = _shape_init(model, x.shape)
+    out, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                 mutable=["intermediates"]), variables, x)
+    assert out.shape == (2, 512)
+    # Spatial size of the last block from torch's conv arithmetic (floor, symmetric padding).
+    s = size
+    if stem == "imagenet":
+        s = _torch_out(_torch_out(s, 7, 2, 3), 3, 2, 1)
+    for _ in range(3):
+        s = _torch_out(s, 3, 2, 1)
+    assert state["intermediates"]["layer4_1"]["__call__"][0].shape == (2, s, s, 512)
+
+
+def test_stem_padding_is_torchvision_symmetric():
+    """Corner outputs of the 7x7/2 stem conv equal a direct correlation with 3 zeros each side."""
+    model = models.ResNet18(stem="imagenet", width=2)
+    x = _normal((1, 20, 20, 3), seed=1)
+    variables = _random_variables(model, x.shape)
+    _, state = _jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                                mutable=["intermediates"]))(variables, x)
+    out = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"], np.float64)
+    xp = np.pad(np.asarray(x, np.float64)[0], ((3, 3), (3, 3), (0, 0)))
+    assert out.shape == (1, 10, 10, 2)
+    for oy, ox in [(0, 0), (0, 9), (9, 9), (4, 7)]:
+        patch = xp[2 * oy:2 * oy + 7, 2 * ox:2 * ox + 7]
+        np.testing.assert_allclose(out[0, oy, ox], np.einsum("hwc,hwco->o", patch, kernel),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_conv_is_injectable():
+    """A replacement conv module with nn.Conv's call signature yields the same parameter tree."""
+    calls = []
+
+    class CountingConv(nn.Conv):
+        def __call__(self, x):
+            calls.append(self.name)
+            return super().__call__(x)
+
+    shapes = lambda conv: jax.tree.map(  # noqa: E731
+        lambda a: a.shape, _shape_init(models.ResNet18(conv=conv, width=8), (1, 32, 32, 3)))
+    assert shapes(CountingConv) == shapes(nn.Conv)
+    assert len(calls) == 1 + 4 * 2 * 2 + 3  # stem, 2 convs per block, 3 downsamples
+
+
+def test_zero_init_residual():
+    model = models.ResNet18(stem="cifar", width=2, zero_init_residual=True)
+    init = _jit(functools.partial(model.init, train=False))
+    params = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 8, 8, 3)))["params"]
+    for stage in range(1, 5):
+        for block in range(2):
+            np.testing.assert_array_equal(params[f"layer{stage}_{block}"]["bn2"]["scale"], 0.0)
+            np.testing.assert_array_equal(params[f"layer{stage}_{block}"]["bn1"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["bn1"]["scale"], 1.0)
+    assert float(jnp.std(params["layer1_0"]["conv1"]["kernel"])) > 0
+    norm = functools.partial(nn.BatchNorm, use_running_average=True)
+    block = models.BasicBlock(4, 1, nn.Conv, norm, zero_init_residual=False)
+    block_params = block.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 4, 4, 4)))["params"]
+    np.testing.assert_array_equal(block_params["bn2"]["scale"], 1.0)
+
+
+def test_heads_structure_and_full_size_dims():
+    variables = _shape_init(models.SiameseNet(method="vi_simsiam"), (1, 32, 32, 3))
+    shapes = jax.tree.map(lambda a: a.shape, variables["params"])
+    assert set(shapes) == {"backbone", "projector", "predictor"}
+    assert shapes["projector"] == {
+        "fc1": {"kernel": (512, 2048)}, "bn1": {"scale": (2048,), "bias": (2048,)},
+        "fc2": {"kernel": (2048, 2048)}, "bn2": {"scale": (2048,), "bias": (2048,)},
+        "fc3": {"kernel": (2048, 2048)}}  # last BN has no affine parameters
+    assert variables["batch_stats"]["projector"]["bn3"]["mean"].shape == (2048,)
+    assert shapes["predictor"] == {
+        "fc1": {"kernel": (2048, 512)}, "bn1": {"scale": (512,), "bias": (512,)},
+        "fc2": {"kernel": (512, 2049), "bias": (2049,)}}  # + 1 output for kappa
+    simsiam = _shape_init(models.SiameseNet(method="simsiam"), (1, 32, 32, 3))["params"]
+    assert simsiam["predictor"]["fc2"]["kernel"].shape == (512, 2048)
+    assert _count(simsiam["backbone"]) == 11_176_512
+
+
+@pytest.mark.parametrize("method", models.METHODS)
+def test_siamese_outputs(method):
+    net = models.SiameseNet(method=method, stem="cifar", kappa_min=0.5, **TINY)
+    x = _normal((5, 8, 8, 3), seed=1)
+    variables = _random_variables(net, x.shape)
+    out, _ = _run(net, variables, x, True)
+    assert out.features.shape == (5, 32) and out.z.shape == (5, 8) and out.mu.shape == (5, 8)
+    np.testing.assert_allclose(jnp.linalg.norm(out.mu, axis=-1), 1.0, rtol=1e-5)
+    if method == "vi_simsiam":
+        assert out.kappa.shape == (5,) and bool(jnp.all(out.kappa > 0.5))
+    else:
+        assert out.kappa is None
+    target = _run(net, variables, x, False, predict=False)
+    assert target.mu is None and target.kappa is None and target.z.shape == (5, 8)
+
+
+def test_invalid_configuration_raises():
+    x = jnp.zeros((1, 8, 8, 3))
+    with pytest.raises(ValueError, match="method"):
+        models.SiameseNet(method="byol", **TINY).init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="stem"):
+        models.ResNet18(stem="tiny", width=2).init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="kappa_map"):
+        models.kappa_from_raw(jnp.zeros(3), "relu")
+
+
+def test_kappa_from_raw():
+    raw = jnp.array([-1e4, -3.0, 0.0, 3.0, 50.0])
+    for kappa_map in models.KAPPA_MAPS:
+        kappa = models.kappa_from_raw(raw, kappa_map, kappa_min=2.0)
+        assert kappa.dtype == jnp.float32
+        assert float(kappa[0]) == 2.0  # exactly at its floor for very negative raw
+        assert bool(jnp.all(jnp.diff(kappa) > 0))
+        grad = jax.grad(lambda r, m=kappa_map: models.kappa_from_raw(r, m).sum())(raw)
+        assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.all(grad[1:] > 0))
+    np.testing.assert_allclose(models.kappa_from_raw(jnp.array(0.0)), np.log(2.0) + 1.0, rtol=1e-6)
+
+
+def _tiny_setup(method="vi_simsiam"):
+    net = models.SiameseNet(method=method, stem="cifar", **TINY)
+    views = [_normal((4, size, size, 3), seed=seed) for seed, size in enumerate((12, 12, 8, 8))]
+    return net, _random_variables(net, views[0].shape), views
+
+
+def test_forward_views_groups_same_size_views():
+    net, variables, views = _tiny_setup()
+    outs, state = _run(net, variables, views, True, models.SiameseNet.forward_views)
+    assert len(outs) == 4
+    # Equivalent to one call per size group, BN running averages chained from group to group.
+    ref_global, st = _run(net, variables, jnp.concatenate(views[:2]), True)
+    ref_local, st = _run(net, {"params": variables["params"], **st}, jnp.concatenate(views[2:]),
+                         True)
+    refs = [jax.tree.map(lambda a, s=s: a[s:s + 4], r) for r in (ref_global, ref_local)
+            for s in (0, 4)]
+    for out, ref in zip(outs, refs):
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(st)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Without concatenation each view has its own batch statistics, so outputs differ.
+    separate, _ = _run(net, variables, views[:2], True, models.SiameseNet.forward_views,
+                       predict=False, concat_same_size=False)
+    alone, _ = _run(net, variables, views[1], True)
+    np.testing.assert_allclose(separate[1].z, alone.z, rtol=1e-5, atol=1e-6)
+    assert separate[1].mu is None
+    assert not np.allclose(outs[1].z, alone.z, atol=1e-3)
+    # In eval mode the grouping does not matter.
+    evals = _run(net, variables, views, False, models.SiameseNet.forward_views)
+    alone = _run(net, variables, views[2], False)
+    np.testing.assert_allclose(evals[2].mu, alone.mu, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_statistics_shared_across_devices():
+    """Under pmap with axis_name, training-mode outputs equal those of one device holding the
+    whole batch; parameter trees do not depend on the device count."""
+    n = jax.local_device_count()
+    assert n == 8, "tests/conftest.py sets 8 CPU devices"
+    single = models.SiameseNet(method="vi_simsiam", stem="cifar", **TINY)
+    multi = models.SiameseNet(method="vi_simsiam", stem="cifar", axis_name="batch", **TINY)
+    x = _normal((2 * n, 8, 8, 3), seed=5)
+    variables = _random_variables(single, x.shape)
+    multi_shapes = jax.tree.map(lambda a: a.shape, _shape_init(multi, (2, 8, 8, 3)))
+    assert jax.tree.map(lambda a: a.shape, variables) == multi_shapes
+    ref, ref_state = _run(single, variables, x, True)
+
+    @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
+    def step(v, xs):
+        return multi.apply(v, xs, train=True, mutable=["batch_stats"])
+
+    out, state = step(variables, x.reshape(n, 2, 8, 8, 3))
+    np.testing.assert_allclose(out.z.reshape(2 * n, -1), ref.z, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out.kappa.reshape(-1), ref.kappa, rtol=1e-3, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
+
+
+def test_ema_update():
+    target = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(3.0)}}
+    online = {"a": jnp.array([3.0, 6.0]), "b": {"c": jnp.array(-1.0)}}
+    mixed = models.ema_update(target, online, 0.75)
+    np.testing.assert_allclose(mixed["a"], [1.5, 3.0])
+    np.testing.assert_allclose(mixed["b"]["c"], 2.0)
+    for decay, expected in ((1.0, target), (0.0, online)):
+        updated = models.ema_update(target, online, decay)
+        for a, b in zip(jax.tree.leaves(updated), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_target_projections():
+    net, variables, views = _tiny_setup()
+    global_views = views[:2]
+
+    @functools.partial(_jit, static_argnums=1)
+    def targets(params, target, target_params):
+        outs, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                            global_views, True, method=models.SiameseNet.forward_views,
+                            mutable=["batch_stats"])
+        tv = {"params": target_params, "batch_stats": variables["batch_stats"]}
+        return models.target_projections(net, outs, global_views, True, target, tv), outs
+
+    params = variables["params"]
+    stop, outs = targets(params, "stopgrad", params)
+    ema, _ = targets(params, "ema", params)
+    assert len(stop) == len(ema) == 2
+    for a, b, out in zip(stop, ema, outs):  # EMA copy equal to the online network: same z
+        np.testing.assert_array_equal(a, out.z)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    other = jax.tree.map(lambda a: a + 0.1 * _normal(a.shape, seed=9), params)
+    moved, _ = targets(params, "ema", other)
+    assert not np.allclose(moved[0], stop[0], atol=1e-3)
+    with pytest.raises(ValueError, match="target"):
+        targets(params, "momentum", params)
+    with pytest.raises(ValueError, match="target_variables"):
+        models.target_projections(net, outs, global_views, True, "ema")
+
+
+def test_end_to_end_multicrop_gradients():
+    """VI-SimSiam loss on a 4-view multi-crop batch (2 global, 2 local views): finite loss and
+    diagnostics, and gradients reach every parameter group."""
+    net, variables, views = _tiny_setup()
+
+    def loss_fn(params):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        outs, _ = net.apply(v, views, True, method=models.SiameseNet.forward_views,
+                            mutable=["batch_stats"])
+        targets = models.target_projections(net, outs, views[:2], True)
+        return losses.ssl_loss("vi_simsiam", outs, targets)
+
+    (loss, metrics), grads = _jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    assert np.isfinite(float(loss)) and all(np.isfinite(float(m)) for m in metrics.values())
+    for group in ("backbone", "projector", "predictor"):
+        assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads[group]))) > 0

@@ -1,0 +1,93 @@
+"""The data-parallel training step: device-count invariance, finiteness guard, optimiser."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import tiny_config as tiny_config_file
+from vi_simsiam_jax import train
+
+
+def tiny_config(method: str = "vi_simsiam", target: str = "stopgrad"):
+    config = tiny_config_file.get_config()
+    config.method, config.target = method, target
+    return config
+
+
+def _views(config, batch_size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=shape).astype(np.float32)
+            for shape in train.view_shapes(config, batch_size)]
+
+
+@functools.cache
+def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad"):
+    config = tiny_config(method, target)
+    return train.create_train_state(jax.random.key(0), config, train.make_model(config), 10)
+
+
+@functools.cache
+def _p_train_step(method: str, target: str, num_devices: int):
+    config = tiny_config(method, target)
+    step = functools.partial(train.train_step, model=train.make_model(config), config=config,
+                             learning_rate_fn=train.learning_rate_schedule(config, 10))
+    return jax.pmap(step, axis_name=train.AXIS_NAME, devices=jax.local_devices()[:num_devices])
+
+
+def _one_step(method, target, views, num_devices):
+    """One pmapped step from the initial state; returns the unreplicated state and metrics."""
+    state = _initial_state(method, target)
+    replicate = lambda tree: jax.tree.map(lambda x: np.stack([x] * num_devices), tree)
+    shard = lambda v: v.reshape((num_devices, -1) + v.shape[1:])
+    keys = jax.random.split(jax.random.key(1), num_devices)
+    state, metrics = _p_train_step(method, target, num_devices)(
+        replicate(state), [shard(v) for v in views], keys)
+    return jax.tree.map(lambda x: x[0], (state, metrics))
+
+
+@pytest.mark.parametrize("target", ["stopgrad", "ema"])
+def test_eight_devices_equal_one_device(target):
+    assert jax.local_device_count() == 8
+    config = tiny_config("vi_simsiam", target)
+    views = _views(config, batch_size=16)
+    state_8, metrics_8 = _one_step("vi_simsiam", target, views, 8)
+    state_1, metrics_1 = _one_step("vi_simsiam", target, views, 1)
+    assert int(state_8.step) == int(state_1.step) == 1
+    for name in ("params", "batch_stats", "target_variables"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                     getattr(state_8, name), getattr(state_1, name))
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    # The step really moved the parameters (otherwise the equality above proves nothing).
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state_1.params,
+                         _initial_state("vi_simsiam", target).params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_non_finite_step_leaves_state_unchanged():
+    config = tiny_config()
+    views = _views(config, batch_size=16)
+    views[0][3] = np.nan
+    state, metrics = _one_step("vi_simsiam", "stopgrad", views, 8)
+    initial = _initial_state()
+    assert float(metrics["finite"]) == 0.0 and int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, state.params, initial.params)
+    jax.tree.map(np.testing.assert_array_equal, state.batch_stats, initial.batch_stats)
+
+
+def test_cosine_schedule_and_fixed_predictor_lr():
+    config = tiny_config()
+    config.num_epochs, config.learning_rate = 2, 0.5
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=5)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.5, 0.25, 0.0],
+                               atol=1e-7)
+    config.fix_predictor_lr, config.weight_decay, config.momentum = True, 0.0, 0.0
+    params = {"predictor": jnp.ones(2), "backbone": jnp.ones(2)}
+    tx = train.make_optimizer(config, steps_per_epoch=5)
+    opt_state = tx.init(params)
+    for _ in range(6):  # the step-5 update uses the decayed rate 0.25 for the backbone
+        updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+    np.testing.assert_allclose(updates["predictor"], -0.5)
+    np.testing.assert_allclose(updates["backbone"], -0.25, rtol=1e-6)

@@ -1,0 +1,21 @@
+"""A pretraining config small enough for tests: 16 px views, width-4 ResNet-18, 16-d heads.
+
+    --config=tests/tiny_config.py:/path/to/folder_dataset
+"""
+
+import ml_collections
+
+from experiments.configs import cpu_demo
+
+
+def get_config(dataset: str = "imagenette") -> ml_collections.ConfigDict:
+    config = cpu_demo.get_config()
+    config.dataset = dataset
+    config.global_size, config.local_size, config.local_crops = 16, 8, 1
+    config.model.update(stem="cifar", width=4, proj_hidden_dim=16, dim=16, pred_dim=8)
+    config.learning_rate = 0.01  # float32 roundoff in one update stays below 1e-5
+    config.batch_size = 8
+    config.num_epochs = 2
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    return config
