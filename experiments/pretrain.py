@@ -4,8 +4,15 @@
     python -m experiments.pretrain --config=experiments/configs/paper.py:imagewoof,simsiam \
         --workdir=runs/woof_simsiam --config.num_epochs=100
 
-Resumes from the newest checkpoint when --workdir already holds a run of the same config.
+Resumes from the newest checkpoint when --workdir already holds a run of the same config. On
+SIGTERM (preemption) it saves a checkpoint after the current step and exits with status 143.
+
+Several hosts: start the same command on every host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or --distributed on TPU pods and SLURM, where JAX finds them).
 """
+
+import sys
+
 
 import jax
 from absl import app, flags, logging
@@ -16,7 +23,22 @@ from vi_simsiam_jax import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, config and logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-host training.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with JAX's auto-detection "
+                                 "(TPU pods, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-controller runtime when asked to (CPU hosts talk through gloo)."""
+    if _COORDINATOR.value is None and not _DISTRIBUTED.value:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def main(argv: list[str]) -> None:
@@ -25,9 +47,14 @@ def main(argv: list[str]) -> None:
     # Orbax logs every save step at INFO; keep its warnings only.
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
+    initialize_distributed()
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(128 + 15)
 
 
 if __name__ == "__main__":

@@ -8,3 +8,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the test process and the training subprocesses it starts.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "vi_simsiam_jax_test_cache"))
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory):
+    """A prepared 4-class folder dataset (32 train images): (folder, tfds data_dir)."""
+    from tests import fake_archives
+    from vi_simsiam_jax import datasets
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    folder = root / "images"
+    fake_archives.make_folder(folder, ["a", "b", "c", "d"], n_train=8, n_val=2, size=24,
+                              extras=False)
+    datasets.prepare(str(folder), data_dir=str(root / "tfds"))
+    return str(folder), str(root / "tfds")

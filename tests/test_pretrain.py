@@ -2,10 +2,8 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -13,49 +11,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import fake_archives, tiny_config
-from vi_simsiam_jax import checkpoints, datasets, input_pipeline, train
+from tests import tiny_config
+from tests.pretrain_utils import REPO, command, config, restore
+from vi_simsiam_jax import input_pipeline, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A prepared 4-class folder dataset (32 train images): (folder, tfds data_dir)."""
-    root = tmp_path_factory.mktemp("pretrain_data")
-    folder = root / "images"
-    fake_archives.make_folder(folder, ["a", "b", "c", "d"], n_train=8, n_val=2, size=24,
-                              extras=False)
-    datasets.prepare(str(folder), data_dir=str(root / "tfds"))
-    return str(folder), str(root / "tfds")
-
-
-def _config(data, **overrides):
-    config = tiny_config.get_config(data[0])
-    config.data_dir = data[1]
-    config.update(overrides)
-    return config
-
-
-def _command(data, workdir, *overrides):
-    return [sys.executable, "-m", "experiments.pretrain",
-            f"--config={REPO / 'tests' / 'tiny_config.py'}:{data[0]}",
-            f"--config.data_dir={data[1]}", f"--workdir={workdir}", *overrides]
-
-
-def _restore(workdir, step=None):
-    config = checkpoints.load_config(str(workdir))
-    model = train.make_model(config)
-    abstract = train.create_train_state(jax.random.key(0), config, model, steps_per_epoch=1)
-    manager = checkpoints.manager(str(workdir), read_only=True)
-    return checkpoints.restore_latest(manager, abstract, step)
-
-
-def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path):
+def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     overrides = ["--config.num_epochs=12"]  # 48 steps, checkpoints every 2
-    full = subprocess.Popen(_command(data, tmp_path / "full", *overrides), cwd=REPO,
+    full = subprocess.Popen(command(pretrain_data, tmp_path / "full", *overrides), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(_command(data, tmp_path / "killed", *overrides), cwd=REPO,
+    killed = subprocess.Popen(command(pretrain_data, tmp_path / "killed", *overrides), cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 600
@@ -66,14 +30,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path):
     steps = [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
              if p.name.isdigit()]
     assert 0 < max(steps) < 48
-    resumed = subprocess.run(_command(data, tmp_path / "killed", *overrides), cwd=REPO,
+    resumed = subprocess.run(command(pretrain_data, tmp_path / "killed", *overrides), cwd=REPO,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at step" in resumed.stderr
     _, full_stderr = full.communicate()
     assert full.returncode == 0, full_stderr[-3000:]
 
-    full_state, resumed_state = _restore(tmp_path / "full"), _restore(tmp_path / "killed")
+    full_state, resumed_state = restore(tmp_path / "full"), restore(tmp_path / "killed")
     assert int(full_state.step) == int(resumed_state.step) == 48
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
@@ -84,7 +48,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data, tmp_path):
     assert logged[-1] == 48
 
 
-def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_path, monkeypatch):
     nan_step = 5
     original = input_pipeline.pretrain_dataset
 
@@ -97,16 +61,16 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(data, tmp_path, monk
 
     monkeypatch.setattr(input_pipeline, "pretrain_dataset", poisoned)
     with pytest.raises(FloatingPointError, match=f"at step {nan_step} "):
-        train.train_and_evaluate(_config(data), str(tmp_path))
-    state = _restore(tmp_path)
+        train.train_and_evaluate(config(pretrain_data), str(tmp_path))
+    state = restore(tmp_path)
     assert int(state.step) == 4  # the newest checkpoint predates the bad step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
     logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in logged] == [2, 4]
 
 
-def test_run_writes_checkpoints_events_and_metrics(data, tmp_path):
-    final = train.train_and_evaluate(_config(data, num_epochs=1), str(tmp_path))
+def test_run_writes_checkpoints_events_and_metrics(pretrain_data, tmp_path):
+    final = train.train_and_evaluate(config(pretrain_data, num_epochs=1), str(tmp_path))
     assert int(final.step) == 4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -114,7 +78,7 @@ def test_run_writes_checkpoints_events_and_metrics(data, tmp_path):
     expected = {"loss", "kappa_mean", "kappa_min", "kappa_max", "kappa_std", "cosine", "z_std",
                 "learning_rate", "grad_norm", "images_per_sec", "epoch"}
     assert expected <= records[-1].keys()
-    assert json.loads((tmp_path / "config.json").read_text())["dataset"] == data[0]
+    assert json.loads((tmp_path / "config.json").read_text())["dataset"] == pretrain_data[0]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -123,8 +87,8 @@ def test_run_writes_checkpoints_events_and_metrics(data, tmp_path):
     ("--config.batch_size=12", "config.batch_size"),
     ("--config.no_such_field=1", "no_such_field"),
 ])
-def test_bad_flags_give_clear_errors(data, tmp_path, override, message):
-    result = subprocess.run(_command(data, tmp_path, override), cwd=REPO, capture_output=True,
+def test_bad_flags_give_clear_errors(pretrain_data, tmp_path, override, message):
+    result = subprocess.run(command(pretrain_data, tmp_path, override), cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode != 0
     assert message in result.stderr

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -35,10 +36,11 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"{workdir} holds a run with a different config (fields {changed}); resume it "
                 "with the same config or start the new run in another --workdir.")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2)
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(new, f, indent=2)
+        os.replace(tmp, path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -62,12 +64,27 @@ def manager(workdir: str, config: ml_collections.ConfigDict | None = None,
                                  options=options)
 
 
+def save(checkpoint_manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Saves state (host arrays) as checkpoint `step`; an I/O failure (disk full, permissions)
+    raises OSError naming the directory. Orbax writes to a temporary directory and renames it on
+    success, so a failed save never touches earlier checkpoints."""
+    try:
+        checkpoint_manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        checkpoint_manager.wait_until_finished()
+    except OSError as error:
+        raise OSError(f"Could not write the step-{step} checkpoint to "
+                      f"{checkpoint_manager.directory}: {error}. Earlier checkpoints are "
+                      "untouched.") from error
+
+
 def restore_latest(checkpoint_manager: ocp.CheckpointManager, abstract_state: Any,
-                   step: int | None = None) -> Any | None:
+                   step: int | None = None, quarantine_corrupt: bool = False) -> Any | None:
     """Restores the given step, or the newest readable one; None if there are none.
 
     A checkpoint that fails to restore (truncated or corrupted files) is reported and the next
-    older one is tried, so one bad save never loses the run.
+    older one is tried, so one bad save never loses the run. With quarantine_corrupt (a run
+    that will save again) the bad one is moved aside to `checkpoints/corrupt-<step>`, kept for
+    inspection, so the resumed run can write that step anew.
     """
     steps = sorted(checkpoint_manager.all_steps(), reverse=True)
     if step is not None:
@@ -75,16 +92,25 @@ def restore_latest(checkpoint_manager: ocp.CheckpointManager, abstract_state: An
             raise ValueError(f"No checkpoint for step {step} in {checkpoint_manager.directory}; "
                              f"available: {sorted(steps)}.")
         steps = [step]
+    quarantined = False
     for candidate in steps:
         try:
-            return checkpoint_manager.restore(candidate,
-                                              args=ocp.args.StandardRestore(abstract_state))
+            state = checkpoint_manager.restore(candidate,
+                                               args=ocp.args.StandardRestore(abstract_state))
         except Exception as error:  # orbax raises many types for damaged files
             if step is not None:
                 raise
+            directory = os.fspath(checkpoint_manager.directory)
             logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an "
-                            "older one.", candidate, checkpoint_manager.directory,
-                            type(error).__name__, error)
+                            "older one.", candidate, directory, type(error).__name__, error)
+            if quarantine_corrupt and jax.process_index() == 0:
+                os.rename(os.path.join(directory, str(candidate)),
+                          os.path.join(directory, f"corrupt-{candidate}"))
+                quarantined = True
+            continue
+        if quarantined:
+            checkpoint_manager.reload()
+        return state
     if steps:
         raise RuntimeError(f"No readable checkpoint in {checkpoint_manager.directory} "
                            f"(tried steps {steps}).")

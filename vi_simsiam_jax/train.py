@@ -10,6 +10,7 @@ it: input, checkpoints, exact resume, logging.
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any, Sequence
 
@@ -23,7 +24,6 @@ import tqdm
 from absl import logging
 from flax import jax_utils, traverse_util
 from flax.training import train_state
-import orbax.checkpoint as ocp
 
 from vi_simsiam_jax import checkpoints, datasets, input_pipeline, losses, models
 
@@ -49,9 +49,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     """Cosine decay to 0 over the run, after an optional linear warm-up (SimSiam, paper 6.2)."""
     total_steps = config.num_epochs * steps_per_epoch
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    if not warmup_steps:
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else config.learning_rate,
-        peak_value=config.learning_rate, warmup_steps=warmup_steps,
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1))
 
 
@@ -153,6 +154,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         ("method", config.method in models.METHODS, f"one of {models.METHODS}"),
         ("target", config.target in models.TARGETS, f"one of {models.TARGETS}"),
         ("model.stem", config.model.stem in models.STEMS, f"one of {models.STEMS}"),
+        ("model.kappa_map", config.model.kappa_map in models.KAPPA_MAPS,
+         f"one of {models.KAPPA_MAPS}"),
+        ("model.kappa_min", config.model.kappa_min >= 0, ">= 0"),
         ("learning_rate", config.learning_rate > 0, "positive"),
         ("weight_decay", config.weight_decay >= 0, ">= 0"),
         ("momentum", 0 <= config.momentum < 1, "in [0, 1)"),
@@ -217,17 +221,65 @@ def _unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
+def _check_dataset_and_crops(config: ml_collections.ConfigDict) -> None:
+    """The dataset must be known; crops may not exceed the shorter side of a fast.ai variant
+    (e.g. 160 px for imagenette2-160)."""
+    try:
+        stem = datasets.resolve_config(config.dataset).archive_stem
+    except ValueError as error:
+        raise ValueError(f"Invalid config.dataset: {error}") from error
+    image_size = stem.rsplit("-", 1)[-1]
+    if not image_size.isdigit():
+        return
+    for name in ("global_size", "local_size"):
+        if config[name] > int(image_size):
+            raise ValueError(f"Invalid config.{name} = {config[name]}: larger than the "
+                             f"{image_size} px images of {stem}.")
+
+
+def _check_workdir(workdir: str) -> None:
+    """Fails before training if workdir cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"Workdir {workdir} is not writable: {error}") from error
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting.")
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM after saving a checkpoint; rerun to resume."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Pretrains on config.dataset; resumes from the newest checkpoint in workdir if any.
 
     Batches and step keys depend only on (seed, step), so a resumed run continues exactly as an
     uninterrupted one. Stops with FloatingPointError at the first non-finite step, after the
-    last good checkpoint is safely on disk (the bad state is never saved).
+    last good checkpoint is safely on disk (the bad state is never saved). On SIGTERM it saves
+    a checkpoint after the current step and raises Preempted.
     """
     validate_config(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise PermissionError(f"Workdir {workdir} is not writable.")
+    _check_dataset_and_crops(config)
+    _check_workdir(workdir)
     checkpoints.save_config(workdir, config)
 
     builder = datasets.prepare(config.dataset, data_dir=config.data_dir or None,
@@ -241,9 +293,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     model = make_model(config)
     rng = jax.random.key(config.seed)
-    state = create_train_state(rng, config, model, steps_per_epoch)
+    # Checkpoints hold host (numpy) arrays: the same files for any device count or host count.
+    state = jax.device_get(create_train_state(rng, config, model, steps_per_epoch))
     checkpoint_manager = checkpoints.manager(workdir, config)
-    restored = checkpoints.restore_latest(checkpoint_manager, state)
+    restored = checkpoints.restore_latest(checkpoint_manager, state, quarantine_corrupt=True)
     state = restored if restored is not None else state
     start_step = int(state.step)
     logging.info("%s at step %d of %d (%d per epoch).",
@@ -260,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = MetricWriter(workdir)
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=jax.process_index() != 0)
+    preemption = _Preemption()
     pending: list[dict[str, float]] = []
     last_log = time.perf_counter()
     try:
@@ -284,9 +338,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 progress.set_postfix(loss=f"{summary['loss']:.4f}",
                                      kappa=f"{summary.get('kappa_mean', float('nan')):.1f}")
                 pending, last_log = [], now
-            if done % config.checkpoint_every_steps == 0 or done == total_steps:
-                checkpoint_manager.save(done, args=ocp.args.StandardSave(_unreplicate(state)))
+            if (done % config.checkpoint_every_steps == 0 or done == total_steps
+                    or preemption.requested):
+                checkpoints.save(checkpoint_manager, done, jax.device_get(_unreplicate(state)))
+            if preemption.requested:
+                raise Preempted(f"Preempted (SIGTERM) after step {done}; checkpoint saved in "
+                                f"{checkpoint_manager.directory}. Rerun the same command to "
+                                "resume.")
     finally:
+        preemption.restore()
         checkpoint_manager.wait_until_finished()
         checkpoint_manager.close()
         progress.close()

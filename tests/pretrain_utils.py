@@ -1,0 +1,35 @@
+"""Shared helpers for tests that run pretraining: commands, configs and checkpoint restores."""
+
+import pathlib
+import sys
+
+import jax
+
+from tests import tiny_config
+from vi_simsiam_jax import checkpoints, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config(data: tuple[str, str], **overrides):
+    """The tiny config on a prepared folder dataset `data` = (folder, tfds data_dir)."""
+    result = tiny_config.get_config(data[0])
+    result.data_dir = data[1]
+    result.update(overrides)
+    return result
+
+
+def command(data: tuple[str, str], workdir, *flags: str) -> list[str]:
+    """`python -m experiments.pretrain` with the tiny config on `data`."""
+    return [sys.executable, "-m", "experiments.pretrain",
+            f"--config={REPO / 'tests' / 'tiny_config.py'}:{data[0]}",
+            f"--config.data_dir={data[1]}", f"--workdir={workdir}", *flags]
+
+
+def restore(workdir, step: int | None = None):
+    """The train state saved in a pretraining workdir (newest checkpoint or `step`)."""
+    saved = checkpoints.load_config(str(workdir))
+    abstract = jax.device_get(
+        train.create_train_state(jax.random.key(0), saved, train.make_model(saved), 1))
+    manager = checkpoints.manager(str(workdir), read_only=True)
+    return checkpoints.restore_latest(manager, abstract, step)
