@@ -17,5 +17,8 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(PY) -m pytest
 
+demo: install
+	VI_SIMSIAM_DATASETS=$(SHARED_DATASETS) $(PY) -m experiments.demo --workdir=runs/demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,8 +2,8 @@
 
     python -m benchmarks.input_pipeline [--data_dir=DIR] [--archive=PATH]
 
-Settings: "paper" = the paper's multi-crop, chosen as SwAV's 2x224 global + 6x96 local crops;
-"cpu_demo" = 2x64 global + 2x32 local. Batches of --batch_size (paper: 64) on one device.
+Settings: the crops of experiments/configs/paper.py ("paper": 2x128 global + 4x64 local, SwAV's
+recipe scaled to the 160 px images) and of cpu_demo.py (2x64 + 2x32). Batches of --batch_size (paper: 64) on one device.
 The thread count is the tf.data private threadpool size (intra-op parallelism 1). Prints
 one JSON line; images/s counts source images (each yields all its views), best of
 --repeats windows.
@@ -16,7 +16,8 @@ import time
 
 from absl import app, flags
 
-from vi_simsiam_jax import datasets
+from experiments.configs import cpu_demo, paper
+from vi_simsiam_jax import datasets, train
 from vi_simsiam_jax import input_pipeline as ip
 
 _DATASET = flags.DEFINE_string("dataset", "imagenette", "Dataset name or folder path.")
@@ -27,10 +28,8 @@ _SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed windows per figure (the best is kept).")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "tf.data threadpool sizes to measure.")
 
-SETTINGS = {
-    "paper": ip.MultiCropConfig(n_global=2, global_size=224, n_local=6, local_size=96),
-    "cpu_demo": ip.MultiCropConfig(n_global=2, global_size=64, n_local=2, local_size=32),
-}
+SETTINGS = {"paper": train.crops_config(paper.get_config()),
+            "cpu_demo": train.crops_config(cpu_demo.get_config())}
 
 
 def images_per_second(examples: datasets.Examples, crops: ip.MultiCropConfig,

@@ -195,12 +195,3 @@ def test_center_crop_geometry():
     crop = ip.center_crop(image, 56).numpy() * 255  # resize to 64x128, crop the centre
     assert crop.shape == (56, 56, 3)
     np.testing.assert_allclose(crop[0, 0, :2], [4 * 4, 36 * 2], atol=2)
-
-
-def test_prefetch_to_device(examples):
-    batches = _batches(ip.eval_dataset(examples, batch_size=16, image_size=8))
-    out = list(ip.prefetch_to_device(iter(batches), size=2))
-    assert len(out) == len(batches) == 3
-    _assert_same(jax.device_get(out), batches)
-    image = out[0]["image"]
-    assert isinstance(image, jax.Array) and len(image.sharding.device_set) == jax.device_count()

@@ -17,14 +17,11 @@ images, every batch has "label" (int32) and "index" (int32, the example's positi
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 import jax
-import numpy as np
 import tensorflow as tf
 
 from vi_simsiam_jax.datasets import Examples
@@ -44,7 +41,8 @@ class MultiCropConfig:
     """Views per image: `n_global` crops at `global_size`, then `n_local` at `local_size`.
 
     Scales are the crop's fraction of the image area (torchvision RandomResizedCrop). The
-    defaults are the paper's multi-crop (SwAV's 2x224 + 6x96) with SimSiam's global scale.
+    defaults are SwAV's ImageNet multi-crop (2x224 + 6x96) with SimSiam's global scale; the
+    experiment configs choose sizes for their data (experiments/configs/paper.py).
     """
 
     n_global: int = 2
@@ -326,24 +324,3 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     blurred = tf.nn.depthwise_conv2d(blurred, tf.transpose(kernel, [1, 0, 2, 3]), [1, 1, 1, 1],
                                      "VALID")
     return blurred[0]
-
-
-def prefetch_to_device(batches: Iterable, size: int = 2,
-                       sharding: jax.sharding.Sharding | None = None) -> Iterator:
-    """Moves numpy batches to devices, keeping `size` batches in flight.
-
-    Each host's leading axis (its local devices) becomes a slice of one global jax.Array,
-    sharded by default over all devices along a mesh axis named "data".
-    """
-    if sharding is None:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    put = lambda x: jax.make_array_from_process_local_data(sharding, x)
-    queue = collections.deque()
-    batches = iter(batches)
-    for batch in itertools.islice(batches, size):
-        queue.append(jax.tree.map(put, batch))
-    while queue:
-        yield queue.popleft()
-        for batch in itertools.islice(batches, 1):
-            queue.append(jax.tree.map(put, batch))
