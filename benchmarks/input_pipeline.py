@@ -8,10 +8,8 @@ The thread count is the tf.data private threadpool size (intra-op parallelism 1)
 one JSON line; images/s counts source images (each yields all its views), best of
 --repeats windows.
 """
-import contextlib
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -56,9 +54,7 @@ def images_per_second(examples: datasets.Examples, crops: ip.MultiCropConfig,
 
 def main(argv):
     del argv
-    with contextlib.redirect_stdout(sys.stderr):
-        builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value,
-                                   archive=_ARCHIVE.value)
+    builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value, archive=_ARCHIVE.value)
     examples = datasets.load_examples(builder, "train")
     results = {"dataset": builder.builder_config.name, "batch_size": _BATCH_SIZE.value,
                "cpu_count": os.cpu_count()}

@@ -8,9 +8,7 @@ a folder laid out as <path>/train/<class>/<image> (and optionally <path>/val/...
 up in $VI_SIMSIAM_DATASETS (else <repo>/../shared/datasets), else downloaded from fast.ai.
 Unreadable images are skipped; their paths are logged and listed under "skipped_files".
 """
-import contextlib
 import json
-import sys
 
 from absl import app, flags
 
@@ -23,9 +21,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: tfds'
 
 def main(argv):
     del argv
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress to stdout.
-        builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value,
-                                   archive=_ARCHIVE.value)
+    builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value, archive=_ARCHIVE.value)
     print(json.dumps({"dataset": _DATASET.value, **datasets.summary(builder)}), flush=True)
 
 

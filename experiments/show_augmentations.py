@@ -5,9 +5,7 @@ r"""Writes a PNG grid: for a few images, the centre crop then each multi-crop vi
 Views come from `input_pipeline.pretrain_dataset` itself (one host, one device), undone
 from the ImageNet normalisation; the first column is the eval centre crop of the same image.
 """
-import contextlib
 import pathlib
-import sys
 
 import matplotlib
 
@@ -37,9 +35,7 @@ def _unnormalize(image: np.ndarray) -> np.ndarray:
 
 def main(argv):
     del argv
-    with contextlib.redirect_stdout(sys.stderr):
-        builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value,
-                                   archive=_ARCHIVE.value)
+    builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value, archive=_ARCHIVE.value)
     examples = datasets.load_examples(builder, "train")
     crops = ip.MultiCropConfig(global_size=_GLOBAL_SIZE.value, n_local=_N_LOCAL.value,
                                local_size=_LOCAL_SIZE.value)

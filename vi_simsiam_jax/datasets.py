@@ -22,12 +22,14 @@ Preparation policy:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import os
 import pathlib
 import re
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -282,10 +284,14 @@ def get_builder(dataset: str, *, data_dir: str | None = None,
 
 def prepare(dataset: str, *, data_dir: str | None = None,
             archive: str | os.PathLike[str] | None = None) -> VisImages:
-    """Prepares `dataset` into `data_dir` unless already there; returns its builder."""
+    """Prepares `dataset` into `data_dir` unless already there; returns its builder.
+
+    TFDS's progress output goes to stderr, so stdout stays free for results.
+    """
     builder = get_builder(dataset, data_dir=data_dir, archive=archive)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
 
