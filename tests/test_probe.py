@@ -1,0 +1,179 @@
+"""Linear probe: the head on synthetic features, top-k, restore and its errors, and the whole
+evaluation (cached, online, random init) plus the kappa analysis on a tiny checkpoint."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import analyze_kappa
+from experiments.configs import probe as probe_config
+from tests import fake_archives, tiny_config
+from vi_simsiam_jax import checkpoints, datasets, probe, train
+
+
+def _config(**overrides):
+    """The probe config at test size: batches divisible by the 8 test devices."""
+    config = probe_config.get_config()
+    config.update({"extract_batch_size": 8, "batch_size": 16, "num_epochs": 10, "lr_sweep": (),
+                   **overrides})
+    return config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A VI-SimSiam workdir (tiny model, 4-class folder dataset: 32 train, 16 val images) whose
+    checkpoint at step 3 holds weights moved away from the initialisation: (workdir, variables)."""
+    root = tmp_path_factory.mktemp("probe")
+    folder = root / "images"
+    fake_archives.make_folder(folder, ["a", "b", "c", "d"], n_train=8, n_val=4, size=24,
+                              extras=False)
+    datasets.prepare(str(folder), data_dir=str(root / "tfds"))
+    config = tiny_config.get_config(str(folder))
+    config.data_dir = str(root / "tfds")
+    workdir = str(root / "work")
+    os.makedirs(workdir)
+    checkpoints.save_config(workdir, config)
+    state = train.create_train_state(jax.random.key(config.seed), config,
+                                     train.make_model(config, axis_name=None), 1)
+    state = state.replace(step=3, params=jax.tree.map(lambda x: x + 0.01, state.params))
+    manager = checkpoints.manager(workdir, config)
+    manager.save(3, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+@pytest.fixture(scope="module")
+def result(saved):
+    """probe.run on the saved workdir, with a two-value lr sweep."""
+    return probe.run(saved[0], _config(lr_sweep=(0.4, 1.6)))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_head_fits_linearly_separable_features(batch_norm):
+    rng = np.random.default_rng(0)
+    num_classes, dim = 6, 32
+    means = 4.0 * rng.normal(size=(num_classes, dim))
+
+    def sample(n):
+        labels = rng.integers(0, num_classes, n).astype(np.int32)
+        return (means[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+
+    (features, labels), (test_features, test_labels) = sample(600), sample(300)
+    config = _config(batch_size=64, num_epochs=20, head_batch_norm=batch_norm)
+    batches = probe.cached_batches(features, labels, config.batch_size, config.seed)
+    head = probe.fit_linear_head(batches, config.num_epochs * (600 // 64), dim, num_classes,
+                                 config.learning_rate, config)
+    untrained = probe.create_head_state(jax.random.key(0), dim, num_classes,
+                                        probe.lars_optimizer(1.0, 1, config), batch_norm)
+    before = probe.accuracy(np.asarray(probe.head_logits(untrained, test_features)), test_labels)
+    after = probe.accuracy(np.asarray(probe.head_logits(head, test_features)), test_labels)
+    assert before["top1"] < 50.0
+    assert after["top1"] == 100.0
+    assert after["top5"] >= after["top1"]
+
+
+def test_head_batch_norm_variant_trains_and_keeps_running_statistics():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 256).astype(np.int32)
+    features = (100.0 + 3.0 * labels[:, None] * np.ones((1, 8))
+                + rng.normal(size=(256, 8))).astype(np.float32)
+    config = _config(batch_size=32, head_batch_norm=True)
+    head = probe.fit_linear_head(probe.cached_batches(features, labels, 32, 0), 400, 8, 2, 1.6,
+                                 config)
+    assert np.all(np.asarray(head.batch_stats["bn"]["mean"]) > 99.0)
+    logits = np.asarray(probe.head_logits(head, features))
+    assert probe.accuracy(logits, labels)["top1"] > 90.0
+
+
+def test_topk_correct_by_hand():
+    logits = np.array([[0.1, 3.0, 2.0, 0.0], [5.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    labels = np.array([1, 2, 0])
+    np.testing.assert_array_equal(probe.topk_correct(logits, labels, 1), [True, False, False])
+    np.testing.assert_array_equal(probe.topk_correct(logits, labels, 2), [True, False, False])
+    np.testing.assert_array_equal(probe.topk_correct(logits, labels, 3), [True, True, False])
+    np.testing.assert_array_equal(probe.topk_correct(logits, labels, 9), [True] * 3)
+
+
+def test_restore_returns_the_saved_weights(saved):
+    workdir, expected = saved
+    config = checkpoints.load_config(workdir)
+    variables, step = probe.restore_encoder(workdir, config,
+                                            train.make_model(config, axis_name=None))
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, variables, expected)
+
+
+def test_run_writes_result_and_predictions(saved, result):
+    workdir, _ = saved
+    assert result["output"] == os.path.join(workdir, "probe.json")
+    with open(result["output"]) as f:
+        written = json.load(f)
+    assert written["top1"] == result["top1"]
+    assert (written["step"], written["num_train"], written["num_val"]) == (3, 32, 16)
+    assert 0.0 <= written["top1"] <= written["top5"] <= 100.0
+    assert 0.0 <= written["knn_top1"] <= 100.0
+    assert written["image_size"] == 16  # the pretraining global crop size
+    assert set(written["lr_sweep_local_val_top1"]) == {"0.4", "1.6"}
+    assert written["learning_rate"] in (0.4, 1.6)
+    with np.load(result["predictions"]) as data:
+        assert data["logits"].shape == (16, 4)
+        assert data["kappa"].shape == (16,) and np.all(data["kappa"] >= 1.0)
+        accuracy = probe.accuracy(data["logits"], data["labels"])
+        assert accuracy["top1"] == pytest.approx(written["top1"])
+        assert sorted(data["file_names"])[0].startswith("val/a/")
+
+
+def test_random_init_and_online_mode(saved, result, tmp_path):
+    workdir, _ = saved
+    random = probe.run(workdir, _config(num_epochs=2), random_init=True)
+    assert random["output"] == os.path.join(workdir, "probe_random_init.json")
+    assert random["random_init"] and random["step"] == 0
+    with np.load(random["predictions"]) as a, np.load(result["predictions"]) as b:
+        assert not np.allclose(a["kappa"], b["kappa"])  # another encoder
+    online = probe.run(workdir, _config(mode="online", num_epochs=1),
+                       output=str(tmp_path / "online.json"))
+    assert "knn_top1" not in online
+    assert 0.0 <= online["top1"] <= online["top5"] <= 100.0
+
+
+def test_analyze_kappa_reads_the_probe_predictions(saved, result, tmp_path):
+    workdir, _ = saved
+    summary = analyze_kappa.analyze(workdir, output_dir=str(tmp_path), num_images=4)
+    for path in summary["files"].values():
+        assert os.path.getsize(path) > 0
+    assert summary["probe_top1"] == pytest.approx(result["top1"])
+    assert summary["num_val"] == 16 and len(summary["lowest_kappa"]) == 4
+    assert summary["lowest_kappa"][0]["kappa"] <= summary["highest_kappa"][0]["kappa"]
+    assert summary["accuracy_at_coverage"]["kappa"]["100%"] == pytest.approx(result["top1"])
+
+
+def test_missing_workdir_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pretraining workdir"):
+        probe.run(str(tmp_path / "nowhere"), _config())
+
+
+def test_workdir_without_checkpoints(saved, tmp_path):
+    shutil.copy(os.path.join(saved[0], "config.json"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="No checkpoints in .*--random_init"):
+        probe.run(str(tmp_path), _config())
+
+
+def test_checkpoint_of_another_architecture(saved, tmp_path):
+    shutil.copytree(os.path.join(saved[0], "checkpoints"), tmp_path / "checkpoints")
+    config = checkpoints.load_config(saved[0])
+    config.model.width = 8
+    checkpoints.save_config(str(tmp_path), config)
+    with pytest.raises(ValueError, match=r"another architecture .*params/backbone/bn1/bias: "
+                                         r"checkpoint \(4,\), config \(8,\)"):
+        probe.run(str(tmp_path), _config())
+
+
+def test_bad_probe_config_names_the_field(saved):
+    with pytest.raises(ValueError, match="config.mode"):
+        probe.run(saved[0], _config(mode="finetune"))

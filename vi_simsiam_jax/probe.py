@@ -1,0 +1,484 @@
+"""Linear evaluation of a frozen pretrained encoder (paper Sec. 6.1-6.2).
+
+Protocol (SimSiam's, which the paper follows): the backbone's pooled features, BatchNorm in
+inference mode and nothing of the encoder updated; a fc layer initialised N(0, 0.01) with zero
+bias; cross-entropy; LARS (lr 1.6, momentum 0.9, weight decay 0, trust coefficient 0.001) with
+cosine decay, batch 512; random-resized-crop + flip for training, resize + centre crop for
+evaluation. By default a BatchNorm without affine parameters precedes the fc (MoCo v3 / MAE).
+The learning rate is chosen among config.lr_sweep on the paper's local split (80% of train to
+fit, 20% to score, Sec. 6.1); the final head is fit on all of train and evaluated on val.
+
+Modes (see experiments/configs/probe.py):
+- "cached" (default, fast): the encoder runs once per image (the centre crop, or `train_views`
+  augmented copies of the training set) and the head trains on the stored features with a jitted
+  step, so the epochs and an lr sweep cost seconds;
+- "online": SimSiam's recipe exactly, the frozen encoder applied to fresh augmentations at every
+  step (one encoder pass per training image and epoch).
+
+Outputs of `run`: a JSON result (top-1/top-5 in percent, kNN top-1, the sweep, timings) and, beside
+it, `<name>_predictions.npz` with the per-example val logits, labels, file names and, for
+VI-SimSiam, the predicted kappa from the same forward pass (read by experiments/analyze_kappa.py).
+"""
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from absl import logging
+from flax.training import train_state
+from orbax.checkpoint import checkpoint_manager as ocp_manager
+
+from vi_simsiam_jax import checkpoints, datasets, input_pipeline, knn, models, train
+
+Array = jax.Array
+Variables = dict[str, Any]
+MODES = ("cached", "online")
+PREDICTIONS_SUFFIX = "_predictions.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """Frozen-encoder outputs, one row per image (or augmented view of one)."""
+
+    features: np.ndarray  # (N, D) float32 pooled backbone features
+    labels: np.ndarray  # (N,) int32
+    index: np.ndarray  # (N,) int32 position of the image in its split's Examples
+    kappa: np.ndarray | None = None  # (N,) VI-SimSiam concentration; None for SimSiam
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: np.ndarray) -> "FeatureSet":
+        return FeatureSet(self.features[keep], self.labels[keep], self.index[keep],
+                          None if self.kappa is None else self.kappa[keep])
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder: restored, or freshly initialised.
+
+
+def _abstract_train_state(config: ml_collections.ConfigDict, model: models.SiameseNet
+                          ) -> train.TrainState:
+    """Shapes and dtypes of the pretraining TrainState, without computing an initialisation."""
+    return jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, 1))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/backbone/conv1/kernel': shape, ...} of a tree of arrays or array metadata."""
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_architecture(saved: Any, expected: Any, checkpoint: str, config_path: str) -> None:
+    """Raises ValueError naming the parameters whose presence or shape differ between the trees."""
+    saved, expected = _shapes(saved), _shapes(expected)
+    differences = [f"{name}: checkpoint {saved.get(name, 'missing')}, config "
+                   f"{expected.get(name, 'missing')}"
+                   for name in sorted(saved.keys() | expected.keys())
+                   if saved.get(name) != expected.get(name)]
+    if differences:
+        shown = "; ".join(differences[:6])
+        more = f"; and {len(differences) - 6} more" if len(differences) > 6 else ""
+        raise ValueError(
+            f"Checkpoint {checkpoint} holds another architecture than {config_path} describes "
+            f"({len(differences)} parameters differ: {shown}{more}). Probe the workdir the "
+            "checkpoint was trained in, with its own config.json.")
+
+
+def restore_encoder(workdir: str, config: ml_collections.ConfigDict, model: models.SiameseNet,
+                    step: int | None = None) -> tuple[Variables, int]:
+    """The pretrained {"params", "batch_stats"} at `step` (default: newest readable) and its step.
+
+    Before restoring, the checkpoint's parameter shapes are compared with `model` (built from the
+    workdir's config.json), so a mismatch names the differing parameters.
+    """
+    manager = checkpoints.manager(workdir, read_only=True)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoints in {manager.directory}: pretrain first, or pass --random_init "
+                "to probe the untrained encoder.")
+        abstract = _abstract_train_state(config, model)
+        checked = max(steps) if step is None else step
+        if checked in steps:
+            path = manager.directory / str(checked) / ocp_manager.DEFAULT_ITEM_NAME
+            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+            check_architecture({"params": saved.get("params", {})},
+                               {"params": abstract.params}, str(path),
+                               os.path.join(workdir, checkpoints.CONFIG_FILE))
+        state = checkpoints.restore_latest(manager, abstract, step)
+    finally:
+        manager.close()
+    return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
+
+
+def init_encoder(config: ml_collections.ConfigDict, model: models.SiameseNet) -> Variables:
+    """The untrained encoder: exactly the pretraining run's initial weights (config.seed)."""
+    state = train.create_train_state(jax.random.key(config.seed), config, model, 1)
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extraction.
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def encode(model: models.SiameseNet, variables: Variables, images: Array) -> dict[str, Array]:
+    """Inference-mode forward pass of images [..., H, W, 3]: backbone features and, for
+    VI-SimSiam, kappa (None for SimSiam), flattened over the leading (device, batch) axes."""
+    images = images.reshape((-1,) + images.shape[-3:])
+    out = model.apply(variables, images, False, predict=model.method == "vi_simsiam")
+    return {"features": out.features.astype(jnp.float32), "kappa": out.kappa}
+
+
+def _shardings() -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+    """(batches [local devices, per device, ...] split over this host's devices, replicated)."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def extract_features(model: models.SiameseNet, variables: Variables,
+                     batches: tf.data.Dataset) -> FeatureSet:
+    """Runs the frozen encoder over an input_pipeline dataset; padding rows (mask 0) dropped.
+
+    One batch stays in flight while the next is fetched, so input and compute overlap.
+    """
+    start = time.perf_counter()
+    data, replicated = _shardings()
+    variables = jax.device_put(variables, replicated)
+    rows: dict[str, list[np.ndarray]] = {"features": [], "kappa": [], "labels": [], "index": []}
+
+    def collect(out: dict[str, Array], batch: dict[str, np.ndarray]) -> None:
+        out = jax.device_get(out)
+        keep = batch["mask"].reshape(-1) > 0 if "mask" in batch else slice(None)
+        rows["features"].append(out["features"][keep])
+        if out["kappa"] is not None:
+            rows["kappa"].append(out["kappa"][keep])
+        rows["labels"].append(batch["label"].reshape(-1)[keep])
+        rows["index"].append(batch["index"].reshape(-1)[keep])
+
+    pending = None
+    for batch in batches.as_numpy_iterator():
+        out = encode(model, variables, jax.device_put(batch["image"], data))
+        if pending is not None:
+            collect(*pending)
+        pending = out, batch
+    if pending is None:
+        raise ValueError("The dataset to extract features from is empty.")
+    collect(*pending)
+    features = FeatureSet(np.concatenate(rows["features"]), np.concatenate(rows["labels"]),
+                          np.concatenate(rows["index"]),
+                          np.concatenate(rows["kappa"]) if rows["kappa"] else None)
+    seconds = time.perf_counter() - start
+    logging.info("Extracted %d feature rows in %.1f s (%.1f images/s).", len(features), seconds,
+                 len(features) / seconds)
+    return features
+
+
+def _single_host(**kwargs: Any) -> dict[str, Any]:
+    """Every host reads the whole split (probing is cheap next to pretraining)."""
+    return dict(process_index=0, process_count=1, **kwargs)
+
+
+def centre_crop_features(model: models.SiameseNet, variables: Variables,
+                         examples: datasets.Examples, batch_size: int,
+                         image_size: int) -> FeatureSet:
+    """Features of the resize + centre crop of every example, in order."""
+    dataset = input_pipeline.eval_dataset(
+        examples, **_single_host(batch_size=batch_size, image_size=image_size))
+    return extract_features(model, variables, dataset)
+
+
+def augmented_features(model: models.SiameseNet, variables: Variables,
+                       examples: datasets.Examples, config: ml_collections.ConfigDict,
+                       image_size: int) -> FeatureSet:
+    """Features of config.train_views epochs of random-resized-crop + flip views."""
+    batch_size = config.extract_batch_size
+    num_steps = config.train_views * input_pipeline.steps_per_epoch(len(examples), batch_size)
+    dataset = input_pipeline.probe_train_dataset(
+        examples, **_single_host(batch_size=batch_size, seed=config.seed, image_size=image_size,
+                                 scale=tuple(config.crop_scale), num_steps=num_steps))
+    return extract_features(model, variables, dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear head.
+
+
+class LinearClassifier(nn.Module):
+    """fc on frozen features, initialised N(0, 0.01) / 0 (SimSiam); optionally preceded by a
+    BatchNorm without affine parameters."""
+
+    num_classes: int
+    batch_norm: bool = False
+
+    @nn.compact
+    def __call__(self, features: Array, train: bool) -> Array:
+        if self.batch_norm:
+            features = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                    use_scale=False, use_bias=False, name="bn")(features)
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                        name="fc")(features)
+
+
+class HeadState(train_state.TrainState):
+    batch_stats: Any
+
+
+def _is_matrix(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def lars_optimizer(learning_rate: float, num_steps: int, config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+    """LARS with cosine decay of learning_rate to 0 over num_steps (paper Sec. 6.2).
+
+    As in the LARS of SimCLR/BYOL, the bias is excluded from the trust ratio and weight decay
+    (plain momentum SGD). SimSiam's LARC adapts it too, which gives the zero-initialised bias a
+    full-learning-rate first step that then dominates the logits for hundreds of steps.
+    """
+    return optax.lars(optax.cosine_decay_schedule(learning_rate, num_steps),
+                      weight_decay=config.weight_decay, weight_decay_mask=_is_matrix,
+                      trust_coefficient=config.trust_coefficient, trust_ratio_mask=_is_matrix,
+                      momentum=config.momentum)
+
+
+def create_head_state(rng: Array, feature_dim: int, num_classes: int,
+                      tx: optax.GradientTransformation, batch_norm: bool) -> HeadState:
+    head = LinearClassifier(num_classes=num_classes, batch_norm=batch_norm)
+    variables = head.init(rng, jnp.zeros((1, feature_dim), jnp.float32), False)
+    return HeadState.create(apply_fn=head.apply, params=variables["params"], tx=tx,
+                            batch_stats=variables.get("batch_stats", {}))
+
+
+@jax.jit
+def head_train_step(state: HeadState, features: Array, labels: Array
+                    ) -> tuple[HeadState, Array]:
+    """One cross-entropy step of the head; returns the new state and the batch loss."""
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                         features, True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates.get("batch_stats", {})
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
+
+
+@jax.jit
+def head_logits(state: HeadState, features: Array) -> Array:
+    """Inference-mode logits (N, num_classes)."""
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, features,
+                          False)
+
+
+def cached_batches(features: np.ndarray, labels: np.ndarray, batch_size: int,
+                   seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless batches of stored features: a fresh permutation per epoch, last partial dropped."""
+    if len(labels) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(labels)} training rows.")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield features[rows], labels[rows]
+
+
+def fit_linear_head(batches: Iterable[tuple[Array, Array]], num_steps: int, feature_dim: int,
+                    num_classes: int, learning_rate: float, config: ml_collections.ConfigDict
+                    ) -> HeadState:
+    """Trains a fresh head for num_steps batches of (features, labels) with LARS + cosine."""
+    tx = lars_optimizer(learning_rate, num_steps, config)
+    state = create_head_state(jax.random.key(config.seed), feature_dim, num_classes, tx,
+                              config.head_batch_norm)
+    loss = jnp.nan
+    for features, labels in itertools.islice(batches, num_steps):
+        state, loss = head_train_step(state, features, labels)
+    loss = float(loss)
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"Linear probe loss is {loss} after {num_steps} steps at "
+                                 f"learning rate {learning_rate}; lower the learning rate.")
+    logging.info("Head fit: lr %g, %d steps, final batch loss %.4f.", learning_rate, num_steps,
+                 loss)
+    return state
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-example bool: the label is among the k highest logits (k clamped to the classes)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :min(k, logits.shape[-1])]
+    return np.any(top == labels[:, None], axis=-1)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent."""
+    return {f"top{k}": float(100.0 * topk_correct(logits, labels, k).mean()) for k in (1, 5)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation.
+
+
+def default_output(workdir: str, step: int | None = None, random_init: bool = False) -> str:
+    """workdir/probe[_random_init][_step<N>].json."""
+    name = "probe" + ("_random_init" if random_init else "")
+    name += f"_step{step}" if step is not None else ""
+    return os.path.join(workdir, name + ".json")
+
+
+def predictions_path(output: str) -> str:
+    """The .npz of per-example val predictions written beside the JSON result `output`."""
+    return os.path.splitext(output)[0] + PREDICTIONS_SUFFIX
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first probe config field with an invalid value."""
+    checks = [
+        ("mode", config.mode in MODES, f"one of {MODES}"),
+        ("train_views", config.train_views >= 0, ">= 0"),
+        ("train_views", config.mode == "cached" or config.train_views == 0,
+         "0 in online mode (views are drawn fresh every step)"),
+        ("image_size", config.image_size >= 0, ">= 0 (0: the pretraining global_size)"),
+        ("batch_size", config.batch_size > 0, "positive"),
+        ("extract_batch_size", config.extract_batch_size > 0, "positive"),
+        ("num_epochs", config.num_epochs > 0, "positive"),
+        ("learning_rate", config.learning_rate > 0, "positive"),
+        ("lr_sweep", all(lr > 0 for lr in config.lr_sweep), "positive learning rates"),
+        ("knn_k", config.knn_k > 0, "positive"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"Invalid probe config.{name} = {config[name]!r}: must be "
+                             f"{expected}.")
+
+
+def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
+        random_init: bool = False, output: str | None = None) -> dict[str, Any]:
+    """Linear evaluation of the encoder in a pretraining workdir; writes and returns the result.
+
+    step: checkpoint step (default: newest). random_init: probe the untrained encoder instead
+    (the lower anchor). The learning rate is the best of config.lr_sweep by top-1 on local_val
+    after a fit on local_train (config.learning_rate if the sweep is empty). output: JSON path
+    (default `default_output(...)`).
+    """
+    start = time.perf_counter()
+    validate_config(config)
+    output = output or default_output(workdir, step, random_init)
+    pretrain_config = checkpoints.load_config(workdir)
+    model = train.make_model(pretrain_config, axis_name=None)
+    if random_init:
+        variables, step = init_encoder(pretrain_config, model), 0
+    else:
+        variables, step = restore_encoder(workdir, pretrain_config, model, step)
+    image_size = config.image_size or pretrain_config.global_size
+    builder = datasets.prepare(pretrain_config.dataset, data_dir=pretrain_config.data_dir or None,
+                               archive=pretrain_config.archive or None)
+    train_examples = datasets.load_examples(builder, "train")
+    val_examples = datasets.load_examples(builder, "val")
+    num_classes = len(train_examples.label_names)
+    local_val = datasets.local_val_mask(train_examples.file_names)
+    times = {"setup": time.perf_counter() - start}
+
+    tic = time.perf_counter()
+    centre = functools.partial(centre_crop_features, model, variables,
+                               batch_size=config.extract_batch_size, image_size=image_size)
+    val = centre(val_examples)
+    train_centre = centre(train_examples) if config.mode == "cached" else None
+    if config.mode == "cached":
+        train_rows = (augmented_features(model, variables, train_examples, config, image_size)
+                      if config.train_views else train_centre)
+        local_val_rows = train_centre.subset(local_val[train_centre.index])
+    else:
+        train_rows = None
+        local_val_rows = (centre(train_examples.subset(local_val)) if config.lr_sweep
+                          else None)
+    feature_dim = val.features.shape[1]
+    times["extract"] = time.perf_counter() - tic
+
+    def fit(learning_rate: float, keep: np.ndarray) -> HeadState:
+        """A head fit on the training images with keep[index] True."""
+        num_images = int(keep.sum())
+        batch_size = min(config.batch_size, num_images)
+        num_steps = config.num_epochs * (num_images // batch_size)
+        if config.mode == "cached":
+            rows = train_rows.subset(keep[train_rows.index])
+            batches = cached_batches(rows.features, rows.labels, batch_size, config.seed)
+        else:
+            dataset = input_pipeline.probe_train_dataset(
+                train_examples.subset(keep), **_single_host(
+                    batch_size=batch_size, seed=config.seed, image_size=image_size,
+                    scale=tuple(config.crop_scale), num_steps=num_steps))
+            data, replicated = _shardings()
+            placed = jax.device_put(variables, replicated)
+            batches = ((jax.device_get(encode(model, placed, jax.device_put(b["image"], data))
+                                       ["features"]), b["label"].reshape(-1))
+                       for b in dataset.as_numpy_iterator())
+        return fit_linear_head(batches, num_steps, feature_dim, num_classes, learning_rate,
+                               config)
+
+    tic = time.perf_counter()
+    sweep = {}
+    for learning_rate in config.lr_sweep:
+        head = fit(learning_rate, ~local_val)
+        logits = np.asarray(head_logits(head, local_val_rows.features))
+        top1 = accuracy(logits, local_val_rows.labels)["top1"]
+        sweep[float(learning_rate)] = top1
+        logging.info("lr %g: local_val top-1 %.2f%%", learning_rate, top1)
+    best_lr = max(sweep, key=sweep.get) if sweep else config.learning_rate
+    times["sweep"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    head = fit(best_lr, np.ones(len(train_examples), bool))
+    logits = np.asarray(head_logits(head, val.features))
+    times["fit"] = time.perf_counter() - tic
+    result = {
+        "workdir": os.path.abspath(workdir), "step": step, "random_init": random_init,
+        "method": pretrain_config.method, "dataset": pretrain_config.dataset,
+        **accuracy(logits, val.labels), "top5_k": min(5, num_classes),
+        "learning_rate": best_lr, "lr_sweep_local_val_top1": {str(k): v for k, v in sweep.items()},
+        "image_size": image_size, "feature_dim": feature_dim, "num_train": len(train_examples),
+        "num_val": len(val_examples), "num_classes": num_classes,
+    }
+    if train_centre is not None:
+        result["knn_top1"] = knn.knn_top1(train_centre.features, train_centre.labels,
+                                          val.features, val.labels, num_classes=num_classes,
+                                          k=config.knn_k, temperature=config.knn_temperature)
+    times["total"] = time.perf_counter() - start
+    result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
+                  predictions=predictions_path(output))
+    _save(result, val, val_examples, logits)
+    return result
+
+
+def _save(result: dict[str, Any], val: FeatureSet, val_examples: datasets.Examples,
+          logits: np.ndarray) -> None:
+    """Writes the JSON result and the per-example predictions .npz (atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(result["output"])), exist_ok=True)
+    arrays = {"logits": logits.astype(np.float32), "labels": val.labels,
+              "file_names": np.array([str(n) for n in val_examples.file_names[val.index]]),
+              "label_names": np.array(val_examples.label_names), "step": np.array(result["step"])}
+    if val.kappa is not None:
+        arrays["kappa"] = val.kappa
+    tmp = result["predictions"] + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, result["predictions"])
+    tmp = result["output"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, result["output"])
