@@ -1,0 +1,181 @@
+"""Speed of the real pretraining step (`vi_simsiam_jax.train`), against the PyTorch reference.
+
+    python -m benchmarks.train_step --method=vi_simsiam --image_size=64 --batch_size=64 \
+        --views=2 --dim=2048 --pred_dim=512 --stem=imagenet --steps=5
+
+times `train.make_p_train_step` (the pmapped `train.train_step` that pretraining runs) on
+synthetic views, with the architecture, loss and optimiser of ../shared/bench/torch_reference.py:
+ResNet-18 -> projector (dim, dim, dim) -> predictor (pred_dim, dim + 1 for vi_simsiam), SGD lr
+1e-3, momentum 0.9, weight decay 1e-4, BN weights not zero-initialised. It prints one JSON line
+with the reference's fields (`images_per_sec` counts source images, each seen in every view;
+`step_s`; `first_step_s`, compile included) plus compile_s, XLA's FLOPs per step, the achieved
+GFLOP/s and its fraction of the machine's float32 peak, and peak memory.
+
+With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
+same invocation, interleaved with JAX for --rounds rounds (the 2-core machine is shared, so both
+see the same load); medians over rounds and the JAX / PyTorch ratio are reported.
+One difference in semantics: the JAX step concatenates same-size views into one batch, so
+BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
+"""
+
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import time
+
+from vi_simsiam_jax import cpu_setup
+
+cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
+
+import jax  # noqa: E402  (after cpu_setup)
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.configs import paper  # noqa: E402
+from vi_simsiam_jax import conv as conv_lib  # noqa: E402
+from vi_simsiam_jax import train  # noqa: E402
+
+flags.DEFINE_enum("method", "vi_simsiam", ["vi_simsiam", "simsiam"], "Loss.")
+flags.DEFINE_integer("image_size", 64, "Side of every view, in pixels.")
+flags.DEFINE_integer("batch_size", 64, "Source images per step (each is seen in every view).")
+flags.DEFINE_integer("views", 2, "Views per image (all global crops of image_size).")
+flags.DEFINE_integer("dim", 2048, "Projection dimension (and projector hidden width).")
+flags.DEFINE_integer("pred_dim", 512, "Predictor hidden width.")
+flags.DEFINE_enum("stem", "imagenet", ["imagenet", "cifar"], "ResNet-18 stem.")
+flags.DEFINE_integer("steps", 5, "Timed steps per round (after one warm-up step).")
+flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) measurements; medians reported.")
+flags.DEFINE_enum("conv", "backend", ["backend", "native"] + list(conv_lib.POLICIES),
+                  "Convolution: 'backend' = whatever train.make_model picks; 'native' = nn.Conv; "
+                  "'auto'/'im2col' = the CPU formulations of vi_simsiam_jax.conv.")
+flags.DEFINE_string("torch_python", "/tmp/torchref/bin/python" if os.path.exists(
+    "/tmp/torchref/bin/python") else "", "Interpreter with torch for the reference; empty: skip.")
+flags.DEFINE_string("torch_script", str(pathlib.Path(__file__).resolve().parents[2]
+                                        / "shared" / "bench" / "torch_reference.py"),
+                    "The PyTorch reference script.")
+flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads (JAX uses every core).")
+flags.DEFINE_float("peak_gflops", 333.0, "float32 peak of the machine (2 cores x AVX-512 FMA x "
+                   "2.6 GHz = 333 GFLOP/s), for the achieved fraction.")
+FLAGS = flags.FLAGS
+
+
+def bench_config():
+    """paper.py with the reference's shapes: `views` global crops, no local crops."""
+    config = paper.get_config(f"imagenette,{FLAGS.method}")
+    config.global_crops, config.local_crops = FLAGS.views, 0
+    config.global_size = FLAGS.image_size
+    config.batch_size = FLAGS.batch_size
+    config.model.update(stem=FLAGS.stem, zero_init_residual=False, proj_hidden_dim=FLAGS.dim,
+                        dim=FLAGS.dim, pred_dim=FLAGS.pred_dim)
+    return config
+
+
+def make_model(config):
+    model = train.make_model(config)
+    if FLAGS.conv == "native":
+        model = model.clone(conv=conv_lib.nn.Conv)
+    elif FLAGS.conv != "backend":
+        model = model.clone(conv=conv_lib.cpu_conv(FLAGS.conv))
+    return model
+
+
+def _cost(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+class JaxStep:
+    """The compiled, pmapped train step on one device, with its state and synthetic views."""
+
+    def __init__(self):
+        config = bench_config()
+        model = make_model(config)
+        devices = jax.local_devices()[:1]
+        steps_per_epoch = 1000
+        state = train.create_train_state(jax.random.key(0), config, model, steps_per_epoch)
+        self.state = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None], state), devices[0])
+        rng = np.random.default_rng(0)
+        self.views = [jax.device_put(rng.standard_normal((1,) + shape, dtype=np.float32),
+                                     devices[0])
+                      for shape in train.view_shapes(config, FLAGS.batch_size)]
+        self.keys = jax.random.split(jax.random.key(1), 1)
+        p_step = train.make_p_train_step(model, config, steps_per_epoch)
+        start = time.perf_counter()
+        self.compiled = p_step.lower(self.state, self.views, self.keys).compile()
+        self.compile_s = time.perf_counter() - start
+        self.flops = _cost(self.compiled)
+        memory = self.compiled.memory_analysis()
+        self.temp_bytes = getattr(memory, "temp_size_in_bytes", None) if memory else None
+        start = time.perf_counter()
+        self._step()
+        self.first_step_s = self.compile_s + time.perf_counter() - start
+
+    def _step(self):
+        self.state, metrics = self.compiled(self.state, self.views, self.keys)
+        jax.block_until_ready(metrics)
+        return metrics
+
+    def time_steps(self, steps: int) -> tuple[float, float]:
+        self._step()  # warm-up, as the reference
+        start = time.perf_counter()
+        for _ in range(steps):
+            metrics = self._step()
+        return (time.perf_counter() - start) / steps, float(metrics["loss"][0])
+
+
+def torch_reference() -> dict | None:
+    if not FLAGS.torch_python:
+        return None
+    command = [FLAGS.torch_python, FLAGS.torch_script, f"--method={FLAGS.method}",
+               f"--image_size={FLAGS.image_size}", f"--batch_size={FLAGS.batch_size}",
+               f"--views={FLAGS.views}", f"--dim={FLAGS.dim}", f"--pred_dim={FLAGS.pred_dim}",
+               f"--steps={FLAGS.steps}", f"--threads={FLAGS.threads}"]
+    if FLAGS.stem == "cifar":
+        command.append("--cifar_stem")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"PyTorch reference failed ({' '.join(command)}):\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    step = JaxStep()
+    jax_times, torch_times, loss = [], [], float("nan")
+    for _ in range(FLAGS.rounds):
+        step_s, loss = step.time_steps(FLAGS.steps)
+        jax_times.append(step_s)
+        reference = torch_reference()
+        if reference:
+            torch_times.append(reference["step_s"])
+    step_s = statistics.median(jax_times)
+    gflops = step.flops / step_s / 1e9
+    result = {
+        "impl": "jax", "method": FLAGS.method, "image_size": FLAGS.image_size,
+        "batch_size": FLAGS.batch_size, "views": FLAGS.views, "stem": FLAGS.stem,
+        "conv": FLAGS.conv, "backend": jax.default_backend(), "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),
+        "step_s": round(step_s, 4), "images_per_sec": round(FLAGS.batch_size / step_s, 2),
+        "loss": round(loss, 4), "flops_per_step": step.flops, "gflops_per_sec": round(gflops, 1),
+        "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "xla_temp_mib": round(step.temp_bytes / 2**20, 1) if step.temp_bytes else None,
+        "step_s_rounds": [round(t, 4) for t in jax_times],
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    if torch_times:
+        torch_step_s = statistics.median(torch_times)
+        result.update(torch_step_s=round(torch_step_s, 4),
+                      torch_images_per_sec=round(FLAGS.batch_size / torch_step_s, 2),
+                      torch_step_s_rounds=[round(t, 4) for t in torch_times],
+                      ratio_images_per_sec=round(torch_step_s / step_s, 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,382 @@
+"""Convolutions for XLA:CPU: a drop-in `nn.Conv` whose 2-D convolutions use, per layer shape, the
+formulation that XLA:CPU runs fastest. The module is nn.Conv itself (with its
+`conv_general_dilated` hook set), so parameter names, shapes, initialisers and auto-names are
+nn.Conv's: checkpoints do not depend on the backend.
+
+    conv = conv_for_backend()      # CpuConv on CPU, nn.Conv (XLA's native convolutions) elsewhere
+    conv(64, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), use_bias=False)
+
+What XLA:CPU (jaxlib 0.10.2) does slowly, measured on ResNet-18 shapes, batch 128 (2-core Zen 5):
+* A 3x3 convolution whose input is smaller than its window (the 2x2 maps of the last stage at
+  64 px): the algebraic simplifier swaps its operands into a convolution the runtime runs at
+  ~1 GFLOP/s (2.5 s forward). Any small output is a skinny matmul anyway.
+  -> "im2col": pad + strided slices + concat and one matmul, forward and backward (custom VJP,
+  2-D matmuls for both gradients; the input gradient is the transpose of im2col: pads and adds).
+* Weight gradients of large-spatial convolutions: XLA transposes the activations and the output
+  gradient to feature-major layouts and runs a (B x H x W)-long contraction as a convolution,
+  23-60 GFLOP/s plus the transposes (a third of the step at 128 px).
+  -> "direct": the forward and the stride-1 input gradient stay XLA's native convolutions
+  (YNNPACK, 100-200 GFLOP/s); the weight gradient is a `lax.scan` over chunks of ~2k output
+  pixels, each an im2col that stays in cache and one (rows x cout)^T (rows x kh kw cin) matmul.
+  Strided input gradients, which XLA runs as an lhs-dilated convolution in Eigen (slow), are
+  split into stride^2 phases, each a small stride-1 native convolution of the output gradient.
+
+`choose` picks per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
+lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`conv_for_backend`).
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+FORMULATIONS = ("native", "im2col", "direct")
+POLICIES = ("auto",) + FORMULATIONS
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+# auto policy: im2col when the output has at most this many pixels per image.
+IM2COL_MAX_OUTPUT_PIXELS = 16
+# direct: output pixels per weight-gradient chunk (rounded to whole images).
+DW_CHUNK_PIXELS = 2048
+DW_CHUNK_ELEMENTS = None
+
+
+def _is_nhwc_hwio(dimension_numbers: Any) -> bool:
+    """True for flax's 2-D layout: lhs NHWC, rhs HWIO, out NHWC."""
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return (tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+                and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+                and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
+    return tuple(dimension_numbers) == _DN
+
+
+def _explicit_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int],
+                      strides: Sequence[int]) -> Padding:
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(in_hw, kernel_hw, strides, padding)
+    return tuple(tuple(int(v) for v in p) for p in padding)
+
+
+def _out_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, padding))
+
+
+def _native(x: Array, kernel: Array, strides, padding, precision=None) -> Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN,
+                                    precision=precision)
+
+
+def im2col(x: Array, kernel_hw: Sequence[int], strides: Sequence[int], padding: Padding) -> Array:
+    """(B, H, W, C) -> (B, Ho, Wo, kh * kw * C) patches, feature order (kh, kw, C) to match a
+    kernel (kh, kw, C, O) reshaped to (kh * kw * C, O). Pad + strided slices + concat only, so
+    its transpose (the input gradient) is pads and adds, not a convolution."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    b, h, w, c = x.shape
+    ho, wo = _out_hw((h, w), kernel_hw, strides, padding)
+    if any(lo or hi for lo, hi in padding):
+        x = lax.pad(x, jnp.zeros((), x.dtype),
+                    ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    cols = [lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _matmul(a: Array, b: Array, contract: tuple[int, int], precision=None) -> Array:
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# im2col + matmul (small outputs), with a hand-written VJP: 2-D matmuls for both gradients.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
+                precision: Any = None) -> Array:
+    """NHWC x HWIO convolution as im2col + one matmul (equals lax.conv_general_dilated)."""
+    kh, kw, cin, cout = kernel.shape
+    cols = im2col(x, (kh, kw), strides, padding)
+    y = _matmul(cols.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0), precision)
+    return y.reshape(cols.shape[:3] + (cout,))
+
+
+def _im2col_fwd(x, kernel, strides, padding, precision):
+    return conv_im2col(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _im2col_bwd(strides, padding, precision, residuals, g):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    cols, col2im = jax.vjp(lambda v: im2col(v, (kh, kw), strides, padding), x)
+    g2 = g.reshape(-1, cout)
+    dkernel = _matmul(cols.reshape(-1, kh * kw * cin), g2, (0, 0), precision)
+    dcols = _matmul(g2, kernel.reshape(-1, cout), (1, 1), precision)
+    (dx,) = col2im(dcols.reshape(cols.shape))
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_im2col.defvjp(_im2col_fwd, _im2col_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# direct: native forward, native (phase-split when strided) input gradient, chunked weight grad.
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    limit = max(1, min(n, limit))
+    return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+def weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
+                        chunk_pixels: int | None = None, precision=None) -> Array:
+    """d(conv)/d(kernel) contracted with g: sum over chunks of images of im2col(x_c)^T g_c,
+    each chunk about chunk_pixels (default DW_CHUNK_PIXELS) output pixels."""
+    chunk_pixels = chunk_pixels or DW_CHUNK_PIXELS
+    kh, kw, cin, cout = kernel_shape
+    b = x.shape[0]
+    ho, wo = g.shape[1:3]
+    if DW_CHUNK_ELEMENTS:
+        chunk_pixels = DW_CHUNK_ELEMENTS // (kh * kw * cin)
+    chunk = _largest_divisor_at_most(b, chunk_pixels // (ho * wo))
+    xs = x.reshape((b // chunk, chunk) + x.shape[1:])
+    gs = g.reshape(b // chunk, chunk * ho * wo, cout)
+
+    def body(acc, xg):
+        xc, gc = xg
+        cols = im2col(xc, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
+        return acc + _matmul(gc, cols, (0, 0), precision).astype(acc.dtype), None
+
+    acc = jnp.zeros((cout, kh * kw * cin), jnp.promote_types(x.dtype, jnp.float32))
+    if b // chunk == 1:
+        acc, _ = body(acc, (xs[0], gs[0]))
+    else:
+        acc, _ = lax.scan(body, acc, (xs, gs))
+    return acc.T.reshape(kernel_shape)
+
+
+def _phase_taps(k: int, s: int, p: int, r: int) -> tuple[list[int], int]:
+    """Kernel taps t feeding input rows i = s * a + r, and the lowest offset d = (r + p - t) / s
+    (row a of the phase reads g[a + d] for consecutive d), taps ordered by increasing d."""
+    taps = [t for t in range(k) if (r + p - t) % s == 0]
+    taps.sort(key=lambda t: (r + p - t) // s)
+    return taps, ((r + p - taps[0]) // s if taps else 0)
+
+
+def input_grad(g: Array, kernel: Array, in_shape: Sequence[int], strides, padding,
+               precision=None) -> Array:
+    """d(conv)/d(input) contracted with g. Stride 1: XLA's transposed convolution. Strided:
+    split into stride_h * stride_w phases of the input, each a stride-1 native convolution of g
+    with the kernel taps that reach that phase, interleaved back."""
+    kh, kw, cin, cout = kernel.shape
+    b, h, w, _ = in_shape
+    if tuple(strides) == (1, 1):
+        _, vjp = jax.vjp(lambda v: _native(v, kernel, strides, padding, precision),
+                         jnp.zeros(in_shape, g.dtype))
+        return vjp(g)[0]
+    (sh, sw), ((ph, _), (pw, _)) = strides, padding
+    ho, wo = g.shape[1:3]
+    nh, nw = -(-h // sh), -(-w // sw)  # phase rows / cols (inputs padded to multiples)
+    kernel_t = jnp.swapaxes(kernel, 2, 3)  # (kh, kw, cout, cin)
+    rows = []
+    for r in range(sh):
+        taps_h, dh = _phase_taps(kh, sh, ph, r)
+        cols = []
+        for c in range(sw):
+            taps_w, dw = _phase_taps(kw, sw, pw, c)
+            if not taps_h or not taps_w:
+                cols.append(jnp.zeros((b, nh, nw, cin), g.dtype))
+                continue
+            sub = kernel_t[np.array(taps_h)][:, np.array(taps_w)]
+            pad = ((-dh, nh - ho + dh + len(taps_h) - 1), (-dw, nw - wo + dw + len(taps_w) - 1))
+            cols.append(_native(g, sub, (1, 1), pad, precision))
+        rows.append(jnp.stack(cols, axis=3))  # (b, nh, nw, sw, cin)
+    dx = jnp.stack(rows, axis=2)  # (b, nh, sh, nw, sw, cin)
+    dx = dx.reshape(b, nh * sh, nw * sw, cin)
+    return dx[:, :h, :w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_direct(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
+                precision: Any = None) -> Array:
+    """XLA's native convolution forward; gradients as in `weight_grad_chunked`/`input_grad`."""
+    return _native(x, kernel, strides, padding, precision)
+
+
+def _direct_fwd(x, kernel, strides, padding, precision):
+    return conv_direct(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _direct_bwd(strides, padding, precision, residuals, g):
+    x, kernel = residuals
+    dx = input_grad(g, kernel, x.shape, strides, padding, precision).astype(x.dtype)
+    dkernel = weight_grad_chunked(x, g, kernel.shape, strides, padding, precision=precision)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+conv_direct.defvjp(_direct_fwd, _direct_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Max pooling. nn.max_pool's gradient (reduce_window max) compiles on XLA:CPU to a variadic
+# reduce-window that carries four int32 index arrays of the padded input, and a scatter: 1.2 s
+# of a 128 px step. Here: the forward takes the max over the window's strided slices and keeps
+# the (int8) index of the first maximal tap in row-major order, the tap select-and-scatter and
+# torch route the gradient to; the backward adds, per tap, the gradients of the outputs whose
+# maximum it was, as interior-padded (strided) arrays that XLA fuses into one loop.
+
+def _window_slices(xp: Array, window, strides, out_hw):
+    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+    b, _, _, c = xp.shape
+    for i in range(kh):
+        for j in range(kw):
+            yield (i, j), lax.slice(xp, (0, i, j, 0),
+                                    (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                                    (1, sh, sw, 1))
+
+
+def _pad_neg_inf(x: Array, padding: Padding) -> Array:
+    fill = jnp.array(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating)
+                     else jnp.iinfo(x.dtype).min, x.dtype)
+    return lax.pad(x, fill, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
+def _max_pool_with_index(x: Array, window, strides, padding) -> tuple[Array, Array]:
+    xp = _pad_neg_inf(x, padding)
+    out_hw = _out_hw(x.shape[1:3], window, strides, padding)
+    index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+    best = index = None
+    for tap, (_, value) in enumerate(_window_slices(xp, window, strides, out_hw)):
+        if best is None:
+            best, index = value, jnp.zeros(value.shape, index_dtype)
+        else:
+            better = value > best  # strict: ties keep the first tap
+            best = jnp.maximum(best, value)  # (propagates NaN, as nn.max_pool)
+            index = jnp.where(better, jnp.asarray(tap, index_dtype), index)
+    return best, index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_nhwc(x: Array, window: tuple[int, int], strides: tuple[int, int],
+                   padding: Padding) -> Array:
+    return _max_pool_with_index(x, window, strides, padding)[0]
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    y, index = _max_pool_with_index(x, window, strides, padding)
+    return y, (index, x.shape[1:3])
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+    index, (h, w) = residuals
+    (pt, pb), (pl, pr) = padding
+    hp, wp = h + pt + pb, w + pl + pr
+    (sh, sw), (ho, wo) = strides, g.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    dxp = None
+    for tap in range(window[0] * window[1]):
+        i, j = divmod(tap, window[1])
+        term = lax.pad(jnp.where(index == tap, g, zero), zero, (
+            (0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1),
+            (j, wp - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
+        dxp = term if dxp is None else dxp + term
+    return (dxp[:, pt:hp - pb, pl:wp - pr],)
+
+
+_max_pool_nhwc.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(inputs: Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: Any = "VALID") -> Array:
+    """nn.max_pool for NHWC inputs (same arguments and values), with the cheap XLA:CPU gradient
+    above; other ranks and window shapes go to nn.max_pool."""
+    strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
+    if inputs.ndim != 4 or len(window_shape) != 2:
+        return nn.max_pool(inputs, tuple(window_shape), strides, padding)
+    pads = _explicit_padding(padding, inputs.shape[1:3], window_shape, strides)
+    return _max_pool_nhwc(inputs, tuple(window_shape), strides, pads)
+
+
+def max_pool_for_backend(backend: str | None = None) -> Callable[..., Array]:
+    """`max_pool` on CPU, nn.max_pool (XLA's reduce-window) on GPU and TPU."""
+    return max_pool if (backend or jax.default_backend()) == "cpu" else nn.max_pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and the nn.Conv hook.
+
+def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+           padding: Padding, policy: str = "auto") -> str:
+    """The formulation ("native" | "im2col" | "direct") for one NHWC/HWIO convolution."""
+    if policy != "auto":
+        return policy
+    h, w = in_shape[1:3]
+    kh, kw = kernel_shape[:2]
+    ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
+    # XLA swaps the operands of a convolution whose window exceeds its input (and runs the
+    # result very slowly); small outputs are skinny matmuls either way.
+    if kh > h or kw > w or ho * wo <= IM2COL_MAX_OUTPUT_PIXELS:
+        return "im2col"
+    return "direct"
+
+
+_IMPLS = {"im2col": conv_im2col, "direct": conv_direct}
+
+
+def make_conv_general_dilated(policy: str = "auto") -> Callable[..., Array]:
+    """A function with lax.conv_general_dilated's signature (what nn.Conv calls) that runs 2-D
+    NHWC/HWIO convolutions without dilation or groups in the formulation `choose` picks, and
+    everything else through lax.conv_general_dilated."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                             batch_group_count=1, precision=None, preferred_element_type=None,
+                             **kwargs):
+        plain = (lhs.ndim == 4 and _is_nhwc_hwio(dimension_numbers) and not kwargs
+                 and feature_group_count == 1 and batch_group_count == 1
+                 and preferred_element_type is None and lhs.dtype == rhs.dtype
+                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                 and all(d == 1 for d in (rhs_dilation or (1, 1))))
+        if plain:
+            strides = tuple(int(s) for s in window_strides)
+            pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+            formulation = choose(lhs.shape, rhs.shape, strides, pads, policy)
+            if formulation in _IMPLS:
+                return _IMPLS[formulation](lhs, rhs, strides, pads, precision)
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+
+    conv_general_dilated.__name__ = f"cpu_conv_general_dilated_{policy}"
+    return conv_general_dilated
+
+
+_CONV_FNS = {policy: make_conv_general_dilated(policy) for policy in POLICIES}
+
+
+def cpu_conv(policy: str = "auto") -> Callable[..., nn.Conv]:
+    """nn.Conv running the CPU formulations; same attributes, parameters and auto-names."""
+    return functools.partial(nn.Conv, conv_general_dilated=_CONV_FNS[policy])
+
+
+CpuConv = cpu_conv("auto")
+
+
+def conv_for_backend(backend: str | None = None, policy: str = "auto") -> Callable[..., nn.Conv]:
+    """The convolution module for `backend` (default: jax.default_backend()): CpuConv on CPU,
+    plain nn.Conv (XLA's native convolutions) on GPU and TPU."""
+    backend = backend or jax.default_backend()
+    return cpu_conv(policy) if backend == "cpu" else nn.Conv
