@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vi_simsiam_jax import train
+from vi_simsiam_jax import cpu_setup, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -44,6 +44,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cpu_setup.configure()  # before JAX starts its backend
     # Orbax logs every save step at INFO; keep its warnings only.
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)

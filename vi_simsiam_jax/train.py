@@ -68,8 +68,10 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
     schedule = learning_rate_schedule(config, steps_per_epoch)
     if not config.fix_predictor_lr:
         return sgd(schedule)
-    labels = lambda params: traverse_util.path_aware_map(
-        lambda path, _: "fixed" if path[0] == "predictor" else "scheduled", params)
+    def labels(params):
+        return traverse_util.path_aware_map(
+            lambda path, _: "fixed" if path[0] == "predictor" else "scheduled", params)
+
     return optax.multi_transform(
         {"scheduled": sgd(schedule), "fixed": sgd(config.learning_rate)}, labels)
 
