@@ -108,9 +108,11 @@ def plot_extremes(groups: list[tuple[str, list[dict[str, Any]]]], images: dict[s
     plt.close(fig)
 
 
-def plot_loss_surface(cosines: np.ndarray, kappas: np.ndarray, surface: np.ndarray,
-                      marked: dict[str, float], dim: int, path: str) -> None:
-    """Left: -log PS over (cos, kappa); right: its rise above the cos = 1 value per kappa."""
+def plot_loss_surface(cosines: np.ndarray, kappas: np.ndarray, marked: dict[str, float],
+                      dim: int, path: str) -> None:
+    """Left: -log PS over cosines (ending at 1) and kappas; right: its rise above the cos = 1
+    value for the marked kappas (name -> kappa)."""
+    surface = kappa_analysis.loss_surface(cosines, kappas, dim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     vmin, vmax = np.percentile(surface, [1, 95])
     mesh = left.pcolormesh(cosines, kappas, surface, shading="auto", vmin=vmin, vmax=vmax,
@@ -123,10 +125,10 @@ def plot_loss_surface(cosines: np.ndarray, kappas: np.ndarray, surface: np.ndarr
     left.set(yscale="log", xlabel="cos($\\mu$, z)", ylabel="$\\kappa$",
              title=f"$-\\log PS(z; \\mu, \\kappa)$, d = {dim} (colour clipped)")
     fig.colorbar(mesh, ax=left)
-    rows = np.linspace(0, len(kappas) - 1, 6).astype(int)
-    rise = surface[rows] - surface[rows, -1:]
-    for row, curve in zip(rows, rise):
-        right.plot(cosines, curve, label=f"$\\kappa$={kappas[row]:.3g}")
+    marked_surface = kappa_analysis.loss_surface(cosines, np.array(list(marked.values())), dim)
+    rise = marked_surface - marked_surface[:, -1:]
+    for (name, value), curve in zip(marked.items(), rise):
+        right.plot(cosines, curve, label=f"{name}: $\\kappa$={value:.3g}")
     right.set(ylim=(0, 1.1 * rise[:, cosines >= -0.9].max()), xlabel="cos($\\mu$, z)",
               ylabel="$-\\log PS$ minus its value at cos = 1",
               title="low $\\kappa$: almost flat in the similarity")
@@ -216,12 +218,11 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
     plot_histogram(kappa, lowest[-1]["kappa"], highest[-1]["kappa"], files["kappa_histogram"])
 
     stats = kappa_analysis.kappa_stats(kappa)
-    dim = config.model.dim
-    cosines = np.linspace(-1.0, 1.0, 201)
-    kappas = np.geomspace(max(config.model.kappa_min, 1e-2), max(10 * stats["max"], 10.0), 60)
-    surface = kappa_analysis.loss_surface(cosines, kappas, dim)
-    plot_loss_surface(cosines, kappas, surface,
-                      {"p5": stats["p5"], "median": stats["p50"], "p95": stats["p95"]}, dim,
+    kappa_floor = max(config.model.kappa_min, 1e-2)
+    plot_loss_surface(np.linspace(-1.0, 1.0, 201),
+                      np.geomspace(kappa_floor, max(2 * stats["max"], 10 * kappa_floor), 60),
+                      {"floor": kappa_floor, "p5": stats["p5"], "median": stats["p50"],
+                       "p95": stats["p95"], "max": stats["max"]}, config.model.dim,
                       files["loss_surface"])
 
     confidences = {"kappa": kappa, "max softmax (probe)": max_softmax,

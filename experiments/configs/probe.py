@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 512
     config.num_epochs = 90
     config.learning_rate = 1.6  # used when lr_sweep is empty
-    config.lr_sweep = (0.4, 1.6, 6.4, 25.6)
+    config.lr_sweep = (0.4, 1.6, 6.4, 25.6, 102.4)
     config.momentum = 0.9
     config.weight_decay = 0.0
     config.trust_coefficient = 0.001  # LARS eta (SimSiam's LARC)
