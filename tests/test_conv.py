@@ -1,6 +1,5 @@
-"""The CPU convolution formulations equal nn.Conv: outputs, gradients, parameter trees."""
-
-import functools
+"""The CPU formulations of vi_simsiam_jax.conv equal XLA's native convolution / nn.Conv and
+nn.max_pool: outputs, gradients (input and kernel) to 1e-5, parameter trees, tie handling."""
 
 import flax.linen as nn
 import jax
@@ -10,37 +9,22 @@ import pytest
 
 from vi_simsiam_jax import conv as conv_lib
 
-# (input side, cin, cout, kernel, stride, padding): every convolution ResNet-18 uses, on inputs
-# large enough for the "direct" path and small enough for the "im2col" one, incl. inputs
-# smaller than the window (2x2 and 1x1 maps under a 3x3 kernel) and odd sides.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# (input side, cin, cout, kernel, stride, padding): the convolutions of ResNet-18 (7x7/2 p3 stem,
+# 3x3/1 p1, 3x3/2 p1, 1x1/2 p0 shortcut), incl. odd sides, inputs smaller than the window (2x2
+# and 1x1 maps under a 3x3 kernel, which XLA rewrites) and a 3x3/1 stem on 3 channels.
 CASES = [
-    (16, 3, 8, 7, 2, 3),   # imagenet stem
-    (9, 3, 8, 7, 2, 3),
-    (12, 3, 8, 3, 1, 1),   # cifar stem, stage convs
-    (2, 8, 8, 3, 1, 1),    # 2x2 map (XLA swaps this one's operands)
+    (11, 3, 8, 7, 2, 3),
+    (10, 3, 8, 3, 1, 1),
+    (9, 4, 8, 3, 1, 1),
+    (2, 8, 8, 3, 1, 1),
     (1, 8, 8, 3, 1, 1),
-    (3, 8, 8, 3, 1, 1),
-    (12, 4, 8, 3, 2, 1),   # first conv of a stage
+    (8, 4, 8, 3, 2, 1),
     (7, 4, 8, 3, 2, 1),
-    (4, 4, 8, 3, 2, 1),
-    (12, 4, 8, 1, 2, 0),   # shortcut
+    (8, 4, 8, 1, 2, 0),
     (7, 4, 8, 1, 2, 0),
-    (2, 4, 8, 1, 2, 0),
 ]
-FORMULATIONS = ["im2col", "direct"]
-
-
-def _reference(x, w, stride, pad):
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=jax.lax.Precision.HIGHEST)
-
-
-def _inputs(size, cin, cout, k, batch=3, seed=0):
-    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (batch, size, size, cin), jnp.float32)
-    w = jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k * cin)
-    return x, w, kg
 
 
 def _assert_close(actual, expected, tol=1e-5):
@@ -50,52 +34,79 @@ def _assert_close(actual, expected, tol=1e-5):
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("formulation", FORMULATIONS)
+def _conv_and_grads(impl, x, w, g, stride, pad):
+    y, vjp = jax.vjp(lambda a, b: impl(a, b, (stride, stride), ((pad, pad), (pad, pad)),
+                                       HIGHEST), x, w)
+    return (y, *vjp(g))
+
+
+def _native(x, w, strides, padding, precision):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, precision=precision,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @pytest.mark.parametrize("size,cin,cout,k,stride,pad", CASES)
-def test_outputs_and_gradients_equal_lax_conv(formulation, size, cin, cout, k, stride, pad):
-    x, w, kg = _inputs(size, cin, cout, k)
-    impl = {"im2col": conv_lib.conv_im2col, "direct": conv_lib.conv_direct}[formulation]
-    f = jax.jit(lambda x, w: impl(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                  jax.lax.Precision.HIGHEST))
-    ref = jax.jit(functools.partial(_reference, stride=stride, pad=pad))
-    y, y_ref = f(x, w), ref(x, w)
-    _assert_close(y, y_ref)
-    g = jax.random.normal(kg, y_ref.shape, jnp.float32)
-    dx, dw = jax.vjp(f, x, w)[1](g)
-    dx_ref, dw_ref = jax.vjp(ref, x, w)[1](g)
-    _assert_close(dx, dx_ref)
-    _assert_close(dw, dw_ref)
+def test_formulations_equal_native_convolution(size, cin, cout, k, stride, pad):
+    kx, kw, kg = jax.random.split(jax.random.key(size * 100 + k), 3)
+    x = jax.random.normal(kx, (3, size, size, cin), jnp.float32)
+    w = jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k * cin)
+    out = (size + 2 * pad - k) // stride + 1
+    g = jax.random.normal(kg, (3, out, out, cout), jnp.float32)
+
+    @jax.jit
+    def all_three(x, w, g):
+        return [_conv_and_grads(impl, x, w, g, stride, pad)
+                for impl in (_native, conv_lib.conv_im2col, conv_lib.conv_direct)]
+
+    reference, *formulations = all_three(x, w, g)
+    for result in formulations:  # output, d/dx, d/dkernel
+        for actual, expected in zip(result, reference):
+            _assert_close(actual, expected)
 
 
-def test_chunked_weight_gradient_with_many_chunks():
-    x, w, kg = _inputs(8, 4, 8, 3, batch=6)
+def test_chunked_weight_gradient_with_several_chunks():
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (6, 8, 8, 4), jnp.float32)
     g = jax.random.normal(kg, (6, 8, 8, 8), jnp.float32)
     pads = ((1, 1), (1, 1))
-    dw = conv_lib.weight_grad_chunked(x, g, w.shape, (1, 1), pads, chunk_pixels=128,
-                                      precision=jax.lax.Precision.HIGHEST)  # 3 chunks of 2
-    dw_ref = jax.vjp(lambda v: _reference(x, v, 1, 1), w)[1](g)[0]
-    _assert_close(dw, dw_ref)
+    dw = jax.jit(lambda x, g: conv_lib.weight_grad_chunked(
+        x, g, (3, 3, 4, 8), (1, 1), pads, chunk_pixels=128, precision=HIGHEST))(x, g)  # 3 chunks
+    dw_ref = jax.vjp(lambda v: _native(x, v, (1, 1), pads, HIGHEST), jnp.zeros((3, 3, 4, 8)))[1](g)
+    _assert_close(dw, dw_ref[0])
 
 
-@pytest.mark.parametrize("policy", ["auto", "im2col", "direct"])
-def test_module_equals_nn_conv(policy):
+def _three_layer_net(conv_module):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return [conv_module(features=4, kernel_size=(3, 3), strides=(2, 2),
+                                padding=((1, 1), (1, 1)), use_bias=False, precision=HIGHEST)(x),
+                    conv_module(features=4, kernel_size=(3, 3), padding="SAME",
+                                precision=HIGHEST)(x),
+                    conv_module(features=4, kernel_size=(1, 1), strides=(2, 2), padding="VALID",
+                                precision=HIGHEST)(x)]
+    return Net()
+
+
+def test_module_equals_nn_conv():
     """Same parameter tree (names, shapes, initial values), outputs and gradients as nn.Conv,
-    with flax's own padding forms and a bias."""
-    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 3), jnp.float32)
-    for kwargs in [dict(features=8, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                        use_bias=False),
-                   dict(features=8, kernel_size=(3, 3), padding="SAME"),
-                   dict(features=8, kernel_size=(1, 1), strides=(2, 2), padding="VALID")]:
-        plain, cpu = nn.Conv(**kwargs), conv_lib.cpu_conv(policy)(**kwargs)
-        params = plain.init(jax.random.key(0), x)
-        cpu_params = cpu.init(jax.random.key(0), x)
-        assert jax.tree.structure(params) == jax.tree.structure(cpu_params)
-        jax.tree.map(np.testing.assert_array_equal, params, cpu_params)
-        loss = lambda module, p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-        val, grads = jax.value_and_grad(functools.partial(loss, plain), argnums=(0, 1))(params, x)
-        cpu_val, cpu_grads = jax.value_and_grad(functools.partial(loss, cpu), argnums=(0, 1))(
-            params, x)
-        _assert_close(cpu_val, val)
+    for every policy, with flax's padding forms and a bias."""
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3), jnp.float32)
+
+    def value_and_grads(net, params):
+        loss = lambda params, x: sum(jnp.sum(jnp.sin(y)) for y in net.apply(params, x))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    plain = _three_layer_net(nn.Conv)
+    params = plain.init(jax.random.key(0), x)
+    value, grads = value_and_grads(plain, params)
+    for policy in conv_lib.POLICIES:
+        net = _three_layer_net(conv_lib.cpu_conv(policy))
+        cpu_params = net.init(jax.random.key(0), x)
+        assert jax.tree.structure(cpu_params) == jax.tree.structure(params)
+        jax.tree.map(np.testing.assert_array_equal, cpu_params, params)
+        cpu_value, cpu_grads = value_and_grads(net, params)
+        _assert_close(cpu_value, value)
         jax.tree.map(_assert_close, cpu_grads, grads)
 
 
@@ -107,7 +118,36 @@ def test_auto_choice():
     assert conv_lib.choose((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), pads, "native") == "native"
 
 
-def test_conv_for_backend():
+def test_backend_selection():
     assert conv_lib.conv_for_backend("gpu") is nn.Conv
     assert conv_lib.conv_for_backend("tpu") is nn.Conv
     assert conv_lib.conv_for_backend("cpu").func is nn.Conv
+    assert conv_lib.max_pool_for_backend("gpu") is nn.max_pool
+    assert conv_lib.max_pool_for_backend("cpu") is conv_lib.max_pool
+
+
+@pytest.mark.parametrize("window,strides,padding", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool
+    ((2, 2), (2, 2), "VALID"),
+    ((3, 3), (1, 1), "SAME"),
+])
+def test_max_pool_equals_nn_max_pool(window, strides, padding):
+    """Values and gradients, with many ties (ReLU zeros, rounded values): the gradient goes to
+    the first maximal element of each window, as nn.max_pool's does."""
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jnp.round(jax.nn.relu(jax.random.normal(kx, (2, 9, 9, 3))) * 2) / 2
+    ref = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+    cpu = lambda x: conv_lib.max_pool(x, window, strides=strides, padding=padding)
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    y, vjp = jax.vjp(jax.jit(cpu), x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jax.random.normal(kg, y.shape)
+    _assert_close(vjp(g)[0], vjp_ref(g)[0])
+
+
+def test_max_pool_propagates_nan():
+    x = np.ones((1, 5, 5, 1), np.float32)
+    x[0, 1, 1, 0] = np.nan
+    y = conv_lib.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    y_ref = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))

@@ -46,7 +46,6 @@ _DN = ("NHWC", "HWIO", "NHWC")
 IM2COL_MAX_OUTPUT_PIXELS = 16
 # direct: output pixels per weight-gradient chunk (rounded to whole images).
 DW_CHUNK_PIXELS = 2048
-DW_CHUNK_ELEMENTS = None
 
 
 def _is_nhwc_hwio(dimension_numbers: Any) -> bool:
@@ -145,8 +144,6 @@ def weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], strides
     kh, kw, cin, cout = kernel_shape
     b = x.shape[0]
     ho, wo = g.shape[1:3]
-    if DW_CHUNK_ELEMENTS:
-        chunk_pixels = DW_CHUNK_ELEMENTS // (kh * kw * cin)
     chunk = _largest_divisor_at_most(b, chunk_pixels // (ho * wo))
     xs = x.reshape((b // chunk, chunk) + x.shape[1:])
     gs = g.reshape(b // chunk, chunk * ho * wo, cout)
