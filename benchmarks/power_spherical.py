@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import subprocess
 import time
 from typing import Callable
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks import peer
 from vi_simsiam_jax import power_spherical as ps
 
 flags.DEFINE_integer("batch", 512, "Rows (distributions) per call.")
@@ -69,10 +69,7 @@ def torch_figures(batch: int, dim: int, kappa: float, repeats: int) -> dict | No
     # -P: keep benchmarks/ off sys.path, where power_spherical.py would shadow the package.
     command = [FLAGS.torch_python, "-P", str(_TORCH_SCRIPT)]
     command += [f"--{k}={v}" for k, v in args.items()]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"PyTorch reference failed ({' '.join(command)}):\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return peer.run_json(command)
 
 
 def main(argv: list[str]) -> None:

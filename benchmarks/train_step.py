@@ -23,9 +23,9 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import time
 
+from benchmarks import peer
 from vi_simsiam_jax import cpu_setup
 
 cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
@@ -136,10 +136,7 @@ def torch_reference() -> dict | None:
                f"--steps={FLAGS.steps}", f"--threads={FLAGS.threads}"]
     if FLAGS.stem == "cifar":
         command.append("--cifar_stem")
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"PyTorch reference failed ({' '.join(command)}):\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return peer.run_json(command)
 
 
 def main(argv: list[str]) -> None:
