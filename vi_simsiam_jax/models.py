@@ -15,7 +15,7 @@ devices; parameter names and shapes never depend on the device count. Initialise
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -90,6 +90,7 @@ class ResNet18(nn.Module):
     zero_init_residual: bool = False
     width: int = 64
     conv: ModuleDef = nn.Conv
+    max_pool: Callable[..., Array] = nn.max_pool
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -103,7 +104,7 @@ class ResNet18(nn.Module):
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), strides=(2, 2), padding=_pad(3), name="conv1")(x)
             x = nn.relu(norm(name="bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
+            x = self.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
         else:
             x = conv(self.width, (3, 3), strides=(1, 1), padding=_pad(1), name="conv1")(x)
             x = nn.relu(norm(name="bn1")(x))
@@ -204,6 +205,7 @@ class SiameseNet(nn.Module):
     kappa_map: str = "softplus"
     kappa_min: float = 1.0
     conv: ModuleDef = nn.Conv
+    max_pool: Callable[..., Array] = nn.max_pool
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -211,7 +213,8 @@ class SiameseNet(nn.Module):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
         self.backbone = ResNet18(stem=self.stem, zero_init_residual=self.zero_init_residual,
-                                 width=self.width, conv=self.conv, axis_name=self.axis_name,
+                                 width=self.width, conv=self.conv, max_pool=self.max_pool,
+                                 axis_name=self.axis_name,
                                  dtype=self.dtype)
         self.projector = Projector(hidden_dim=self.proj_hidden_dim, out_dim=self.dim,
                                    axis_name=self.axis_name, dtype=self.dtype)

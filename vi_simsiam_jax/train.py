@@ -26,6 +26,7 @@ from flax import jax_utils, traverse_util
 from flax.training import train_state
 
 from vi_simsiam_jax import checkpoints, datasets, input_pipeline, losses, models
+from vi_simsiam_jax import conv as conv_lib
 
 AXIS_NAME = "batch"
 Array = jax.Array
@@ -41,7 +42,10 @@ class TrainState(train_state.TrainState):
 def make_model(config: ml_collections.ConfigDict, axis_name: str | None = AXIS_NAME
                ) -> models.SiameseNet:
     """The SiameseNet described by config.method and config.model."""
-    return models.SiameseNet(method=config.method, axis_name=axis_name, **config.model)
+    return models.SiameseNet(method=config.method, axis_name=axis_name,
+                             conv=conv_lib.conv_for_backend(),
+                             max_pool=conv_lib.max_pool_for_backend(),
+                             **config.model)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
