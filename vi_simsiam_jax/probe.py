@@ -368,6 +368,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{expected}.")
 
 
+def _encoder_and_data(workdir: str, step: int | None, random_init: bool):
+    """(pretraining config, model, encoder variables, their step, train and val examples)."""
+    pretrain_config = checkpoints.load_config(workdir)
+    model = train.make_model(pretrain_config, axis_name=None)
+    if random_init:
+        variables, step = init_encoder(pretrain_config, model), 0
+    else:
+        variables, step = restore_encoder(workdir, pretrain_config, model, step)
+    builder = datasets.prepare(pretrain_config.dataset, data_dir=pretrain_config.data_dir or None,
+                               archive=pretrain_config.archive or None)
+    return (pretrain_config, model, variables, step, datasets.load_examples(builder, "train"),
+            datasets.load_examples(builder, "val"))
+
+
+def knn_accuracy(workdir: str, config: ml_collections.ConfigDict, step: int | None = None
+                 ) -> tuple[int, float]:
+    """(step, kNN top-1 on val) of the checkpoint at `step` (default: newest), on centre-crop
+    features, with run()'s kNN settings: the cheap monitor for training curves."""
+    pretrain_config, model, variables, step, train_examples, val_examples = _encoder_and_data(
+        workdir, step, random_init=False)
+    centre = functools.partial(centre_crop_features, model, variables,
+                               batch_size=config.extract_batch_size,
+                               image_size=config.image_size or pretrain_config.global_size)
+    train_rows, val = centre(train_examples), centre(val_examples)
+    return step, knn.knn_top1(train_rows.features, train_rows.labels, val.features, val.labels,
+                              num_classes=len(train_examples.label_names), k=config.knn_k,
+                              temperature=config.knn_temperature)
+
+
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
         random_init: bool = False, output: str | None = None) -> dict[str, Any]:
     """Linear evaluation of the encoder in a pretraining workdir; writes and returns the result.
@@ -380,17 +409,9 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     start = time.perf_counter()
     validate_config(config)
     output = output or default_output(workdir, step, random_init)
-    pretrain_config = checkpoints.load_config(workdir)
-    model = train.make_model(pretrain_config, axis_name=None)
-    if random_init:
-        variables, step = init_encoder(pretrain_config, model), 0
-    else:
-        variables, step = restore_encoder(workdir, pretrain_config, model, step)
+    pretrain_config, model, variables, step, train_examples, val_examples = _encoder_and_data(
+        workdir, step, random_init)
     image_size = config.image_size or pretrain_config.global_size
-    builder = datasets.prepare(pretrain_config.dataset, data_dir=pretrain_config.data_dir or None,
-                               archive=pretrain_config.archive or None)
-    train_examples = datasets.load_examples(builder, "train")
-    val_examples = datasets.load_examples(builder, "val")
     num_classes = len(train_examples.label_names)
     local_val = datasets.local_val_mask(train_examples.file_names)
     times = {"setup": time.perf_counter() - start}

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.local_size = 32
     config.model.update(proj_hidden_dim=512, dim=512, pred_dim=128)
     config.batch_size = 64
-    config.num_epochs = 3
+    config.num_epochs = 6
     config.learning_rate = 0.05
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
