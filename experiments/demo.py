@@ -15,7 +15,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import analyze_kappa
+from experiments import kappa_report
 from vi_simsiam_jax import cpu_setup, datasets, probe, train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     timings["probe_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    kappa = analyze_kappa.analyze(workdir, probe_config=_PROBE_CONFIG.value)
+    kappa = kappa_report.analyze(workdir, probe_config=_PROBE_CONFIG.value)
     timings["analysis_s"] = time.perf_counter() - start
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import analyze_kappa
+from experiments import kappa_report
 from tests import tiny_config
 from vi_simsiam_jax import checkpoints, kappa_analysis
 
@@ -85,9 +85,9 @@ def test_simsiam_workdir_has_no_kappa(tmp_path):
     config.method = "simsiam"
     checkpoints.save_config(str(tmp_path), config)
     with pytest.raises(ValueError, match="kappa exists only for method='vi_simsiam'"):
-        analyze_kappa.analyze(str(tmp_path))
+        kappa_report.analyze(str(tmp_path))
 
 
 def test_missing_workdir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pretraining workdir"):
-        analyze_kappa.analyze(str(tmp_path / "nowhere"))
+        kappa_report.analyze(str(tmp_path / "nowhere"))

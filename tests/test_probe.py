@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import analyze_kappa
+from experiments import kappa_report
 from experiments.configs import probe as probe_config
 from tests import fake_archives, tiny_config
 from vi_simsiam_jax import checkpoints, datasets, probe, train
@@ -144,7 +144,7 @@ def test_random_init_and_online_mode(saved, result, tmp_path):
 
 def test_analyze_kappa_reads_the_probe_predictions(saved, result, tmp_path):
     workdir, _ = saved
-    summary = analyze_kappa.analyze(workdir, output_dir=str(tmp_path), num_images=4)
+    summary = kappa_report.analyze(workdir, output_dir=str(tmp_path), num_images=4)
     for path in summary["files"].values():
         assert os.path.getsize(path) > 0
     assert summary["probe_top1"] == pytest.approx(result["top1"])
