@@ -342,8 +342,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 summary.update(epoch=done / steps_per_epoch,
                                images_per_sec=len(pending) * config.batch_size / (now - last_log))
                 writer.write(done, summary)
-                progress.set_postfix(loss=f"{summary['loss']:.4f}",
-                                     kappa=f"{summary.get('kappa_mean', float('nan')):.1f}")
+                shown = {"loss": f"{summary['loss']:.4f}", "cos": f"{summary['cosine']:.3f}"}
+                if "kappa_mean" in summary:
+                    shown["kappa"] = f"{summary['kappa_mean']:.1f}"
+                progress.set_postfix(shown)
                 pending, last_log = [], now
             if (done % config.checkpoint_every_steps == 0 or done == total_steps
                     or preemption.requested):
