@@ -368,7 +368,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{expected}.")
 
 
-def _encoder_and_data(workdir: str, step: int | None, random_init: bool):
+def _encoder_and_data(workdir: str, step: int | None, random_init: bool
+                      ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
+                                 datasets.Examples, datasets.Examples]:
     """(pretraining config, model, encoder variables, their step, train and val examples)."""
     pretrain_config = checkpoints.load_config(workdir)
     model = train.make_model(pretrain_config, axis_name=None)
@@ -392,9 +394,14 @@ def knn_accuracy(workdir: str, config: ml_collections.ConfigDict, step: int | No
                                batch_size=config.extract_batch_size,
                                image_size=config.image_size or pretrain_config.global_size)
     train_rows, val = centre(train_examples), centre(val_examples)
-    return step, knn.knn_top1(train_rows.features, train_rows.labels, val.features, val.labels,
-                              num_classes=len(train_examples.label_names), k=config.knn_k,
-                              temperature=config.knn_temperature)
+    return step, _knn_top1(train_rows, val, len(train_examples.label_names), config)
+
+
+def _knn_top1(train_rows: FeatureSet, val: FeatureSet, num_classes: int,
+              config: ml_collections.ConfigDict) -> float:
+    return knn.knn_top1(train_rows.features, train_rows.labels, val.features, val.labels,
+                        num_classes=num_classes, k=config.knn_k,
+                        temperature=config.knn_temperature)
 
 
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
@@ -477,9 +484,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
         "num_val": len(val_examples), "num_classes": num_classes,
     }
     if train_centre is not None:
-        result["knn_top1"] = knn.knn_top1(train_centre.features, train_centre.labels,
-                                          val.features, val.labels, num_classes=num_classes,
-                                          k=config.knn_k, temperature=config.knn_temperature)
+        result["knn_top1"] = _knn_top1(train_centre, val, num_classes, config)
     times["total"] = time.perf_counter() - start
     result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
                   predictions=predictions_path(output))
