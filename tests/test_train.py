@@ -30,20 +30,21 @@ def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad"):
 
 
 @functools.cache
-def _p_train_step(method: str, target: str, num_devices: int):
+def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto"):
     config = tiny_config(method, target)
-    step = functools.partial(train.train_step, model=train.make_model(config), config=config,
+    model = train.make_model(config, axis_name=axis_name)
+    step = functools.partial(train.train_step, model=model, config=config,
                              learning_rate_fn=train.learning_rate_schedule(config, 10))
     return jax.pmap(step, axis_name=train.AXIS_NAME, devices=jax.local_devices()[:num_devices])
 
 
-def _one_step(method, target, views, num_devices):
+def _one_step(method, target, views, num_devices, axis_name="auto"):
     """One pmapped step from the initial state; returns the unreplicated state and metrics."""
     state = _initial_state(method, target)
     replicate = lambda tree: jax.tree.map(lambda x: np.stack([x] * num_devices), tree)
     shard = lambda v: v.reshape((num_devices, -1) + v.shape[1:])
     keys = jax.random.split(jax.random.key(1), num_devices)
-    state, metrics = _p_train_step(method, target, num_devices)(
+    state, metrics = _p_train_step(method, target, num_devices, axis_name)(
         replicate(state), [shard(v) for v in views], keys)
     return jax.tree.map(lambda x: x[0], (state, metrics))
 
@@ -64,6 +65,24 @@ def test_eight_devices_equal_one_device(target):
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state_1.params,
                          _initial_state("vi_simsiam", target).params)
     assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_single_device_step_without_collectives_equals_synchronised_step(monkeypatch):
+    """On one device the model has no axis (no collectives in the step) and the step is the
+    same as with the axis; with several devices the axis is kept."""
+    assert train.make_model(tiny_config()).axis_name == train.AXIS_NAME  # 8 devices
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert train.data_parallel_axis() is None
+    assert train.make_model(tiny_config()).axis_name is None
+    config = tiny_config()
+    views = _views(config, batch_size=16)
+    state_axis, metrics_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train.AXIS_NAME)
+    state_none, metrics_none = _one_step("vi_simsiam", "stopgrad", views, 1, None)
+    for name in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                     getattr(state_none, name), getattr(state_axis, name))
+    for name in metrics_axis:
+        np.testing.assert_allclose(metrics_none[name], metrics_axis[name], rtol=1e-5)
 
 
 def test_non_finite_step_leaves_state_unchanged():
