@@ -9,7 +9,8 @@ ResNet-18 -> projector (dim, dim, dim) -> predictor (pred_dim, dim + 1 for vi_si
 1e-3, momentum 0.9, weight decay 1e-4, BN weights not zero-initialised. It prints one JSON line
 with the reference's fields (`images_per_sec` counts source images, each seen in every view;
 `step_s`; `first_step_s`, compile included) plus compile_s, XLA's FLOPs per step, the achieved
-GFLOP/s and its fraction of the machine's float32 peak, and peak memory.
+GFLOP/s and its fraction of the machine's float32 peak, and peak memory; with --profile, the
+time per step of each kind of XLA op, from a jax.profiler trace.
 
 With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
 same invocation, interleaved with JAX for --rounds rounds (the 2-core machine is shared, so both
@@ -18,9 +19,14 @@ One difference in semantics: the JAX step concatenates same-size views into one 
 BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
 import pathlib
+import re
+import tempfile
 import resource
 import statistics
 import time
@@ -56,6 +62,8 @@ flags.DEFINE_string("torch_script", str(pathlib.Path(__file__).resolve().parents
                                         / "shared" / "bench" / "torch_reference.py"),
                     "The PyTorch reference script.")
 flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads (JAX uses every core).")
+flags.DEFINE_bool("profile", False, "Also trace --steps steps with jax.profiler and report the "
+                  "time per step of each kind of XLA op (fusion kinds, convolutions, ...).")
 flags.DEFINE_float("peak_gflops", 333.0, "float32 peak of the machine (2 cores x AVX-512 FMA x "
                    "2.6 GHz = 333 GFLOP/s), for the achieved fraction.")
 FLAGS = flags.FLAGS
@@ -127,6 +135,25 @@ class JaxStep:
         return (time.perf_counter() - start) / steps, float(metrics["loss"][0])
 
 
+def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float]:
+    """ms per step spent in each kind of XLA:CPU op (name without its ".N" suffix), from a
+    jax.profiler trace of `steps` steps. Ops run concurrently, so the sum can exceed the step time."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            step.time_steps(steps)
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for event in events:  # XLA ops are named like "ynn_fusion.12"; host-side events are not
+        op = re.fullmatch(r"([a-z][\w-]*)(\.\d+)?", event.get("name", ""))
+        if event.get("ph") == "X" and op:
+            totals[op.group(1)] += event.get("dur", 0)
+    timed_steps = steps + 1  # time_steps runs one warm-up step first
+    return {name: round(us / 1e3 / timed_steps, 1) for name, us in totals.most_common(top)}
+
+
 def torch_reference() -> dict | None:
     if not FLAGS.torch_python:
         return None
@@ -165,6 +192,8 @@ def main(argv: list[str]) -> None:
         "step_s_rounds": [round(t, 4) for t in jax_times],
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    if FLAGS.profile:
+        result["op_ms_per_step"] = op_time_by_kind(step, FLAGS.steps)
     if torch_times:
         torch_step_s = statistics.median(torch_times)
         result.update(torch_step_s=round(torch_step_s, 4),
