@@ -5,8 +5,8 @@ every local device (axis "batch"): BatchNorm statistics are synchronised across 
 the models' `axis_name` and gradients are averaged with `lax.pmean`, so one step on N devices
 equals one step on a single device with the whole batch. On a single device there is nothing to
 synchronise and the model gets no axis: XLA:CPU would still run every collective (26 all-reduces,
-~0.1 s of a 1 s step at 64 px). `train_and_evaluate` is the loop around
-it: input, checkpoints, exact resume, logging.
+~0.1 s of a 1 s step at 64 px). `train_and_evaluate` is the loop around it: input, checkpoints,
+exact resume, logging.
 """
 
 import functools
