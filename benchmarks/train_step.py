@@ -137,7 +137,7 @@ class JaxStep:
 
 def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float]:
     """ms per step spent in each kind of XLA:CPU op (name without its ".N" suffix), from a
-    jax.profiler trace of `steps` steps. Ops run concurrently, so the sum can exceed the step time."""
+    jax.profiler trace of `steps` steps. Ops run concurrently: the sum can exceed the step."""
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             step.time_steps(steps)
