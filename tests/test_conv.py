@@ -1,6 +1,11 @@
 """The CPU formulations of vi_simsiam_jax.conv equal XLA's native convolution / nn.Conv and
 nn.max_pool: outputs, gradients (input and kernel) to 1e-5, parameter trees, tie handling."""
 
+import functools
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +50,11 @@ def _native(x, w, strides, padding, precision):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# Every formulation of every piece at least once: (forward, input gradient, weight gradient).
+PLANS = [conv_lib.Plan("im2col", "im2col", "im2col"), conv_lib.Plan("native", "phases", "chunked"),
+         conv_lib.Plan("native", "native", "native")]
+
+
 @pytest.mark.parametrize("size,cin,cout,k,stride,pad", CASES)
 def test_formulations_equal_native_convolution(size, cin, cout, k, stride, pad):
     kx, kw, kg = jax.random.split(jax.random.key(size * 100 + k), 3)
@@ -52,27 +62,19 @@ def test_formulations_equal_native_convolution(size, cin, cout, k, stride, pad):
     w = jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k * cin)
     out = (size + 2 * pad - k) // stride + 1
     g = jax.random.normal(kg, (3, out, out, cout), jnp.float32)
+    pads = ((pad, pad), (pad, pad))
+    plans = PLANS + [conv_lib.choose(x.shape, w.shape, (stride, stride), pads)]
 
     @jax.jit
-    def all_three(x, w, g):
-        return [_conv_and_grads(impl, x, w, g, stride, pad)
-                for impl in (_native, conv_lib.conv_im2col, conv_lib.conv_direct)]
+    def all_plans(x, w, g):
+        return [_conv_and_grads(_native, x, w, g, stride, pad)] + [
+            _conv_and_grads(functools.partial(conv_lib.conv_planned, plan=plan), x, w, g,
+                            stride, pad) for plan in plans]
 
-    reference, *formulations = all_three(x, w, g)
+    reference, *formulations = all_plans(x, w, g)
     for result in formulations:  # output, d/dx, d/dkernel
         for actual, expected in zip(result, reference):
             _assert_close(actual, expected)
-
-
-def test_chunked_weight_gradient_with_several_chunks():
-    kx, kg = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (6, 8, 8, 4), jnp.float32)
-    g = jax.random.normal(kg, (6, 8, 8, 8), jnp.float32)
-    pads = ((1, 1), (1, 1))
-    dw = jax.jit(lambda x, g: conv_lib.weight_grad_chunked(
-        x, g, (3, 3, 4, 8), (1, 1), pads, chunk_pixels=128, precision=HIGHEST))(x, g)  # 3 chunks
-    dw_ref = jax.vjp(lambda v: _native(x, v, (1, 1), pads, HIGHEST), jnp.zeros((3, 3, 4, 8)))[1](g)
-    _assert_close(dw, dw_ref[0])
 
 
 def _three_layer_net(conv_module):
@@ -110,12 +112,33 @@ def test_module_equals_nn_conv():
         jax.tree.map(_assert_close, cpu_grads, grads)
 
 
+def test_chunked_weight_gradient_with_several_chunks(monkeypatch):
+    monkeypatch.setattr(conv_lib, "DW_CHUNK_PIXELS", 128)  # 2 images of 8x8 per chunk: 3 chunks
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (6, 8, 8, 4), jnp.float32)
+    w = jax.random.normal(kw, (3, 3, 4, 8), jnp.float32)
+    g = jax.random.normal(kg, (6, 8, 8, 8), jnp.float32)
+    chunked = functools.partial(conv_lib.conv_planned,
+                                plan=conv_lib.Plan("native", "native", "chunked"))
+    result = jax.jit(lambda x, w, g: _conv_and_grads(chunked, x, w, g, 1, 1))(x, w, g)
+    for actual, expected in zip(result, _conv_and_grads(_native, x, w, g, 1, 1)):
+        _assert_close(actual, expected)
+
+
 def test_auto_choice():
-    pads = ((1, 1), (1, 1))
-    assert conv_lib.choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), pads) == "im2col"
-    assert conv_lib.choose((128, 4, 4, 256), (3, 3, 256, 512), (2, 2), pads) == "im2col"
-    assert conv_lib.choose((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), pads) == "direct"
-    assert conv_lib.choose((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), pads, "native") == "native"
+    plan, pads = conv_lib.Plan, ((1, 1), (1, 1))
+    choose = conv_lib.choose
+    assert (choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), pads)
+            == plan("im2col", "im2col", "im2col"))
+    assert (choose((128, 4, 4, 256), (3, 3, 256, 512), (2, 2), pads)
+            == plan("native", "im2col", "chunked"))
+    assert (choose((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), pads)
+            == plan("native", "phases", "chunked"))
+    assert (choose((128, 32, 32, 64), (1, 1, 64, 128), (2, 2), ((0, 0), (0, 0)))
+            == plan("native", "phases", "im2col"))
+    assert (choose((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), pads)
+            == plan("native", "native", "chunked"))
+    assert choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), pads, "native") == plan()
 
 
 def test_backend_selection():
@@ -181,3 +204,24 @@ def test_training_model_equals_plain_flax_model():
         results = [jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(
             variables["params"], net.clone(dtype=jnp.float64)) for net in (model, plain)]
     jax.tree.map(_assert_close, *results)
+
+
+_COMPILED_CONV = """
+from vi_simsiam_jax import cpu_setup
+cpu_setup.configure()
+import jax, jax.numpy as jnp
+conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(jax.jit(conv).lower(jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text())
+"""
+
+
+@pytest.mark.parametrize("setup", ["1", "0"])
+def test_cpu_setup_takes_convolutions_from_ynnpack(setup):
+    """cpu_setup's XLA flag leaves convolutions to XLA's (multi-threaded) Eigen convolution
+    instead of a YNNPACK fusion (one thread in jaxlib 0.10.2); without cpu_setup they are in one."""
+    env = {**os.environ, "VI_SIMSIAM_CPU_SETUP": setup, "JAX_PLATFORMS": "cpu"}
+    hlo = subprocess.run([sys.executable, "-c", _COMPILED_CONV], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert "convolution(" in hlo
+    assert ("ynn_fusion" in hlo) == (setup == "0")

@@ -1,30 +1,34 @@
-"""Convolutions for XLA:CPU: a drop-in `nn.Conv` whose 2-D convolutions use, per layer shape, the
-formulation that XLA:CPU runs fastest. The module is nn.Conv itself (with its
-`conv_general_dilated` hook set), so parameter names, shapes, initialisers and auto-names are
-nn.Conv's: checkpoints do not depend on the backend.
+"""Convolutions for XLA:CPU: a drop-in `nn.Conv` whose 2-D convolutions run each piece (forward,
+input gradient, weight gradient) in the formulation XLA:CPU runs fastest for the layer's shape.
+The module is nn.Conv itself (with its `conv_general_dilated` hook set), so parameter names,
+shapes, initialisers and auto-names are nn.Conv's: checkpoints do not depend on the backend.
 
     conv = conv_for_backend()      # CpuConv on CPU, nn.Conv (XLA's native convolutions) elsewhere
     conv(64, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), use_bias=False)
 
-What XLA:CPU (jaxlib 0.10.2) does slowly, measured on ResNet-18 shapes, batch 128 (2-core Zen 5):
+What XLA:CPU (jaxlib 0.10.2) does slowly, measured in the ResNet-18 training step (batch 128,
+2-core AMD EPYC), with the XLA flags of `cpu_setup` (convolutions in XLA's multi-threaded Eigen
+convolution, not single-threaded YNNPACK):
 * A 3x3 convolution whose input is smaller than its window (the 2x2 maps of the last stage at
-  64 px): the algebraic simplifier swaps its operands into a convolution the runtime runs at
-  ~1 GFLOP/s (2.5 s forward). Any small output is a skinny matmul anyway.
-  -> "im2col": pad + strided slices + concat and one matmul, forward and backward (custom VJP,
-  2-D matmuls for both gradients; the input gradient is the transpose of im2col: pads and adds).
-* Weight gradients of large-spatial convolutions: XLA transposes the activations and the output
-  gradient to feature-major layouts and runs a (B x H x W)-long contraction as a convolution,
-  23-60 GFLOP/s plus the transposes (a third of the step at 128 px).
-  -> "direct": the forward and the stride-1 input gradient stay XLA's native convolutions
-  (YNNPACK, 100-200 GFLOP/s); the weight gradient is a `lax.scan` over chunks of ~2k output
-  pixels, each an im2col that stays in cache and one (rows x cout)^T (rows x kh kw cin) matmul.
-  Strided input gradients, which XLA runs as an lhs-dilated convolution in Eigen (slow), are
-  split into stride^2 phases, each a small stride-1 native convolution of the output gradient.
+  64 px): the algebraic simplifier swaps its operands into a convolution that runs at ~1 GFLOP/s
+  (1 s per piece) -> every piece "im2col": pad + strided slices + concat and one matmul; the
+  input gradient is the matmul's transpose followed by col2im (pads and adds).
+* Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
+  2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
+  convolution of the output gradient; "im2col" where the output has <= 16 pixels.
+* Weight gradients: XLA's are as fast as the alternatives in isolation but not in the step
+  (3.2 s against 2.8 s at 32 px, paired A/B in one process; XLA also counts 20% more FLOPs)
+  -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col that stays in
+  cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and one matmul).
+  Against the previous rule (im2col for every output of <= 16 pixels, chunked 1x1 weight
+  gradients): 1.00 -> 0.91 s at 64 px, 2.81 -> 2.84 s at 32 px (A/B, same process).
+Everything else (forwards, stride-1 input gradients) is XLA's native convolution ("native").
 
-`choose` picks per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
+`choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
 lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`conv_for_backend`).
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -37,14 +41,13 @@ from jax import lax
 Array = jax.Array
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-FORMULATIONS = ("native", "im2col", "direct")
-POLICIES = ("auto",) + FORMULATIONS
+POLICIES = ("auto", "native", "im2col")
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
-# auto policy: im2col when the output has at most this many pixels per image.
+# auto policy: strided input gradients by im2col when the output has at most this many pixels.
 IM2COL_MAX_OUTPUT_PIXELS = 16
-# direct: output pixels per weight-gradient chunk (rounded to whole images).
+# "chunked" weight gradients: output pixels per chunk (rounded to whole images).
 DW_CHUNK_PIXELS = 2048
 
 
@@ -98,67 +101,31 @@ def _matmul(a: Array, b: Array, contract: tuple[int, int], precision=None) -> Ar
 
 
 # ---------------------------------------------------------------------------------------------
-# im2col + matmul (small outputs), with a hand-written VJP: 2-D matmuls for both gradients.
+# The convolution with a per-piece plan: forward, input gradient and weight gradient each in the
+# formulation `choose` picked (custom VJP).
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
-                precision: Any = None) -> Array:
-    """NHWC x HWIO convolution as im2col + one matmul (equals lax.conv_general_dilated)."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one convolution runs: forward in FORWARDS, input gradient in INPUT_GRADS, weight
+    gradient in WEIGHT_GRADS ("native" = XLA's convolution; "im2col" = im2col + one matmul, its
+    transpose for the input gradient; "phases" = stride-phase-split native convolutions)."""
+    forward: str = "native"
+    input_grad: str = "native"
+    weight_grad: str = "native"
+
+
+FORWARDS = ("native", "im2col")
+INPUT_GRADS = ("native", "phases", "im2col")
+WEIGHT_GRADS = ("native", "chunked", "im2col")
+
+
+def _forward(kind: str, x: Array, kernel: Array, strides, padding, precision) -> Array:
+    if kind == "native":
+        return _native(x, kernel, strides, padding, precision)
     kh, kw, cin, cout = kernel.shape
     cols = im2col(x, (kh, kw), strides, padding)
     y = _matmul(cols.reshape(-1, kh * kw * cin), kernel.reshape(-1, cout), (1, 0), precision)
     return y.reshape(cols.shape[:3] + (cout,))
-
-
-def _im2col_fwd(x, kernel, strides, padding, precision):
-    return conv_im2col(x, kernel, strides, padding, precision), (x, kernel)
-
-
-def _im2col_bwd(strides, padding, precision, residuals, g):
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    cols, col2im = jax.vjp(lambda v: im2col(v, (kh, kw), strides, padding), x)
-    g2 = g.reshape(-1, cout)
-    dkernel = _matmul(cols.reshape(-1, kh * kw * cin), g2, (0, 0), precision)
-    dcols = _matmul(g2, kernel.reshape(-1, cout), (1, 1), precision)
-    (dx,) = col2im(dcols.reshape(cols.shape))
-    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv_im2col.defvjp(_im2col_fwd, _im2col_bwd)
-
-
-# ---------------------------------------------------------------------------------------------
-# direct: native forward, native (phase-split when strided) input gradient, chunked weight grad.
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    limit = max(1, min(n, limit))
-    return max(d for d in range(1, limit + 1) if n % d == 0)
-
-
-def weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
-                        chunk_pixels: int | None = None, precision=None) -> Array:
-    """d(conv)/d(kernel) contracted with g: sum over chunks of images of im2col(x_c)^T g_c,
-    each chunk about chunk_pixels (default DW_CHUNK_PIXELS) output pixels."""
-    chunk_pixels = chunk_pixels or DW_CHUNK_PIXELS
-    kh, kw, cin, cout = kernel_shape
-    b = x.shape[0]
-    ho, wo = g.shape[1:3]
-    chunk = _largest_divisor_at_most(b, chunk_pixels // (ho * wo))
-    xs = x.reshape((b // chunk, chunk) + x.shape[1:])
-    gs = g.reshape(b // chunk, chunk * ho * wo, cout)
-
-    def body(acc, xg):
-        xc, gc = xg
-        cols = im2col(xc, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
-        return acc + _matmul(gc, cols, (0, 0), precision).astype(acc.dtype), None
-
-    acc = jnp.zeros((cout, kh * kw * cin), jnp.promote_types(x.dtype, jnp.float32))
-    if b // chunk == 1:
-        acc, _ = body(acc, (xs[0], gs[0]))
-    else:
-        acc, _ = lax.scan(body, acc, (xs, gs))
-    return acc.T.reshape(kernel_shape)
 
 
 def _phase_taps(k: int, s: int, p: int, r: int) -> tuple[list[int], int]:
@@ -169,17 +136,13 @@ def _phase_taps(k: int, s: int, p: int, r: int) -> tuple[list[int], int]:
     return taps, ((r + p - taps[0]) // s if taps else 0)
 
 
-def input_grad(g: Array, kernel: Array, in_shape: Sequence[int], strides, padding,
-               precision=None) -> Array:
-    """d(conv)/d(input) contracted with g. Stride 1: XLA's transposed convolution. Strided:
-    split into stride_h * stride_w phases of the input, each a stride-1 native convolution of g
-    with the kernel taps that reach that phase, interleaved back."""
+def _input_grad_phases(g: Array, kernel: Array, in_shape: Sequence[int], strides, padding,
+                       precision) -> Array:
+    """d(conv)/d(input) of a strided convolution, split into stride_h * stride_w phases of the
+    input, each a stride-1 native convolution of g with the kernel taps that reach that phase,
+    interleaved back. (XLA runs it as one lhs-dilated convolution, up to 40x slower.)"""
     kh, kw, cin, cout = kernel.shape
     b, h, w, _ = in_shape
-    if tuple(strides) == (1, 1):
-        _, vjp = jax.vjp(lambda v: _native(v, kernel, strides, padding, precision),
-                         jnp.zeros(in_shape, g.dtype))
-        return vjp(g)[0]
     (sh, sw), ((ph, _), (pw, _)) = strides, padding
     ho, wo = g.shape[1:3]
     nh, nw = -(-h // sh), -(-w // sw)  # phase rows / cols (inputs padded to multiples)
@@ -202,25 +165,77 @@ def input_grad(g: Array, kernel: Array, in_shape: Sequence[int], strides, paddin
     return dx[:, :h, :w]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_direct(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
-                precision: Any = None) -> Array:
-    """XLA's native convolution forward; gradients as in `weight_grad_chunked`/`input_grad`."""
-    return _native(x, kernel, strides, padding, precision)
+def _input_grad(kind: str, g: Array, kernel: Array, in_shape: Sequence[int], strides, padding,
+                precision) -> Array:
+    if kind == "phases" and tuple(strides) != (1, 1):
+        return _input_grad_phases(g, kernel, in_shape, strides, padding, precision)
+    x0 = jnp.zeros(in_shape, g.dtype)
+    if kind == "im2col":  # dcols = g kernel^T, then col2im (the transpose of im2col: pads, adds)
+        kh, kw, cin, cout = kernel.shape
+        cols, col2im = jax.vjp(lambda v: im2col(v, (kh, kw), strides, padding), x0)
+        dcols = _matmul(g.reshape(-1, cout), kernel.reshape(-1, cout), (1, 1), precision)
+        return col2im(dcols.reshape(cols.shape))[0]
+    return jax.vjp(lambda v: _native(v, kernel, strides, padding, precision), x0)[1](g)[0]
 
 
-def _direct_fwd(x, kernel, strides, padding, precision):
-    return conv_direct(x, kernel, strides, padding, precision), (x, kernel)
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    limit = max(1, min(n, limit))
+    return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
-def _direct_bwd(strides, padding, precision, residuals, g):
+def _weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
+                         precision, chunk_pixels: int) -> Array:
+    """sum over chunks of images of im2col(x_c)^T g_c (a lax.scan), each chunk about
+    chunk_pixels output pixels: the im2col copy of a chunk stays in cache."""
+    kh, kw, cin, cout = kernel_shape
+    b = x.shape[0]
+    ho, wo = g.shape[1:3]
+    chunk = _largest_divisor_at_most(b, chunk_pixels // (ho * wo))
+    xs = x.reshape((b // chunk, chunk) + x.shape[1:])
+    gs = g.reshape(b // chunk, chunk * ho * wo, cout)
+
+    def body(acc, xg):
+        xc, gc = xg
+        cols = im2col(xc, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
+        return acc + _matmul(gc, cols, (0, 0), precision).astype(acc.dtype), None
+
+    acc = jnp.zeros((cout, kh * kw * cin), jnp.promote_types(x.dtype, jnp.float32))
+    acc, _ = lax.scan(body, acc, (xs, gs))
+    return acc.T.reshape(kernel_shape)
+
+
+def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
+                 precision) -> Array:
+    if kind == "chunked":
+        return _weight_grad_chunked(x, g, kernel_shape, strides, padding, precision,
+                                    DW_CHUNK_PIXELS)
+    if kind == "im2col":
+        kh, kw, cin, cout = kernel_shape
+        cols = im2col(x, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
+        return _matmul(cols, g.reshape(-1, cout), (0, 0), precision).reshape(kernel_shape)
+    k0 = jnp.zeros(kernel_shape, x.dtype)
+    return jax.vjp(lambda k: _native(x, k, strides, padding, precision), k0)[1](g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_planned(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
+                 precision: Any = None, plan: Plan = Plan()) -> Array:
+    """NHWC x HWIO convolution (equals lax.conv_general_dilated), each piece as `plan` says."""
+    return _forward(plan.forward, x, kernel, strides, padding, precision)
+
+
+def _planned_fwd(x, kernel, strides, padding, precision, plan):
+    return conv_planned(x, kernel, strides, padding, precision, plan), (x, kernel)
+
+
+def _planned_bwd(strides, padding, precision, plan, residuals, g):
     x, kernel = residuals
-    dx = input_grad(g, kernel, x.shape, strides, padding, precision).astype(x.dtype)
-    dkernel = weight_grad_chunked(x, g, kernel.shape, strides, padding, precision=precision)
-    return dx, dkernel.astype(kernel.dtype)
+    dx = _input_grad(plan.input_grad, g, kernel, x.shape, strides, padding, precision)
+    dkernel = _weight_grad(plan.weight_grad, x, g, kernel.shape, strides, padding, precision)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-conv_direct.defvjp(_direct_fwd, _direct_bwd)
+conv_planned.defvjp(_planned_fwd, _planned_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,21 +327,21 @@ def max_pool_for_backend(backend: str | None = None) -> Callable[..., Array]:
 # Selection and the nn.Conv hook.
 
 def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-           padding: Padding, policy: str = "auto") -> str:
-    """The formulation ("native" | "im2col" | "direct") for one NHWC/HWIO convolution."""
-    if policy != "auto":
-        return policy
+           padding: Padding, policy: str = "auto") -> Plan:
+    """The plan for one NHWC/HWIO convolution. "native" / "im2col": every piece so; "auto": what
+    measured fastest on ResNet-18's layers (module docstring)."""
+    if policy in ("native", "im2col"):
+        return Plan(policy, policy, policy)
     h, w = in_shape[1:3]
     kh, kw = kernel_shape[:2]
     ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
-    # XLA swaps the operands of a convolution whose window exceeds its input (and runs the
-    # result very slowly); small outputs are skinny matmuls either way.
-    if kh > h or kw > w or ho * wo <= IM2COL_MAX_OUTPUT_PIXELS:
-        return "im2col"
-    return "direct"
-
-
-_IMPLS = {"im2col": conv_im2col, "direct": conv_direct}
+    if kh > h or kw > w:  # XLA would swap the operands and run the result very slowly
+        return Plan("im2col", "im2col", "im2col")
+    if tuple(strides) == (1, 1):
+        input_grad = "native"
+    else:  # small strided outputs are skinny matmuls
+        input_grad = "im2col" if ho * wo <= IM2COL_MAX_OUTPUT_PIXELS else "phases"
+    return Plan("native", input_grad, "im2col" if kh * kw == 1 else "chunked")
 
 
 def make_conv_general_dilated(policy: str = "auto") -> Callable[..., Array]:
@@ -348,9 +363,8 @@ def make_conv_general_dilated(policy: str = "auto") -> Callable[..., Array]:
         if plain:
             strides = tuple(int(s) for s in window_strides)
             pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-            formulation = choose(lhs.shape, rhs.shape, strides, pads, policy)
-            if formulation in _IMPLS:
-                return _IMPLS[formulation](lhs, rhs, strides, pads, precision)
+            plan = choose(lhs.shape, rhs.shape, strides, pads, policy)
+            return conv_planned(lhs, rhs, strides, pads, precision, plan)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
