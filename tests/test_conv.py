@@ -52,7 +52,7 @@ def _native(x, w, strides, padding, precision):
 
 # Every formulation of every piece at least once: (forward, input gradient, weight gradient).
 PLANS = [conv_lib.Plan("im2col", "im2col", "im2col"), conv_lib.Plan("native", "phases", "chunked"),
-         conv_lib.Plan("native", "native", "native")]
+         conv_lib.Plan("native", "native", "native"), conv_lib.Plan("dense", "dense", "dense")]
 
 
 @pytest.mark.parametrize("size,cin,cout,k,stride,pad", CASES)
@@ -129,7 +129,7 @@ def test_auto_choice():
     plan, pads = conv_lib.Plan, ((1, 1), (1, 1))
     choose = conv_lib.choose
     assert (choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), pads)
-            == plan("im2col", "im2col", "im2col"))
+            == plan("dense", "dense", "dense"))
     assert (choose((128, 4, 4, 256), (3, 3, 256, 512), (2, 2), pads)
             == plan("native", "im2col", "chunked"))
     assert (choose((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), pads)

@@ -142,11 +142,6 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
     axis = model.axis_name
     if axis:
         grads = jax.lax.pmean(grads, axis)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if config.target == "ema":
-        new_state = new_state.replace(target_variables=models.ema_update(
-            state.target_variables, {"params": new_state.params, "batch_stats": batch_stats},
-            config.ema_decay))
     grad_norm = _global_norm(grads)
     metrics = {"loss": loss, **diagnostics}
     if axis:
@@ -155,7 +150,18 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
             metrics.update(kappa_min=jax.lax.pmin(diagnostics["kappa_min"], axis),
                            kappa_max=jax.lax.pmax(diagnostics["kappa_max"], axis))
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+    def apply_update(state: TrainState) -> TrainState:
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        if config.target == "ema":
+            new_state = new_state.replace(target_variables=models.ema_update(
+                state.target_variables, {"params": new_state.params, "batch_stats": batch_stats},
+                config.ema_decay))
+        return new_state
+
+    # A cond, not a select over the state: the update is written once, in place (the select
+    # was 34 ms of a 1 s step at 64 px on the 2-core CPU; paired A/B 0.855 -> 0.843 s).
+    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
     metrics.update(grad_norm=grad_norm, learning_rate=learning_rate_fn(state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
