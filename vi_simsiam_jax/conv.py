@@ -119,22 +119,46 @@ INPUT_GRADS = ("native", "phases", "im2col", "dense")
 WEIGHT_GRADS = ("native", "chunked", "im2col", "dense")
 
 
+def _dense_blocks(kernel_hw, in_hw, strides, padding):
+    """For each (input pixel a, b; output pixel r, c) of the dense operator, the kernel tap that
+    maps one to the other, or None."""
+    (kh, kw), (h, w), (sh, sw), ((ph, _), (pw, _)) = kernel_hw, in_hw, strides, padding
+    ho, wo = _out_hw(in_hw, kernel_hw, strides, padding)
+    taps = {}
+    for a, b, r, c in np.ndindex(h, w, ho, wo):
+        i, j = a + ph - r * sh, b + pw - c * sw
+        taps[a, b, r, c] = (i, j) if 0 <= i < kh and 0 <= j < kw else None
+    return taps
+
+
 def dense_operator(kernel: Array, in_hw: Sequence[int], strides, padding) -> Array:
     """The convolution as one (H W Cin, Ho Wo Cout) matrix: block (a, b), (r, c) is the kernel
     tap that maps input pixel (a, b) to output pixel (r, c), zero where none does. For inputs
     smaller than the window it has fewer entries than the im2col matrix has taps, and no
     padding rows: 16 against 36 blocks of Cin x Cout for a 3x3 kernel over a 2x2 map."""
     kh, kw, cin, cout = kernel.shape
-    (h, w), (sh, sw), ((ph, _), (pw, _)) = in_hw, strides, padding
+    h, w = in_hw
     ho, wo = _out_hw(in_hw, (kh, kw), strides, padding)
+    taps = _dense_blocks((kh, kw), in_hw, strides, padding)
     zero = jnp.zeros((cin, cout), kernel.dtype)
-
-    def block(a, b, r, c):
-        i, j = a + ph - r * sh, b + pw - c * sw
-        return kernel[i, j] if 0 <= i < kh and 0 <= j < kw else zero
-
-    return jnp.block([[block(a, b, r, c) for r in range(ho) for c in range(wo)]
+    return jnp.block([[zero if taps[a, b, r, c] is None else kernel[taps[a, b, r, c]]
+                       for r in range(ho) for c in range(wo)]
                       for a in range(h) for b in range(w)])
+
+
+def _dense_weight_grad(d_operator: Array, kernel_shape: Sequence[int], in_hw: Sequence[int],
+                       strides, padding) -> Array:
+    """The transpose of `dense_operator`: each tap sums the blocks it fills."""
+    kh, kw, cin, cout = kernel_shape
+    ho, wo = _out_hw(in_hw, (kh, kw), strides, padding)
+    blocks = d_operator.reshape(*in_hw, cin, ho, wo, cout)
+    sums = {}
+    for (a, b, r, c), tap in _dense_blocks((kh, kw), in_hw, strides, padding).items():
+        if tap is not None:
+            block = blocks[a, b, :, r, c]
+            sums[tap] = block if tap not in sums else sums[tap] + block
+    zero = jnp.zeros((cin, cout), d_operator.dtype)
+    return jnp.stack([jnp.stack([sums.get((i, j), zero) for j in range(kw)]) for i in range(kh)])
 
 
 def _forward(kind: str, x: Array, kernel: Array, strides, padding, precision) -> Array:
@@ -233,12 +257,10 @@ def _weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], stride
 
 def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
                  precision) -> Array:
-    if kind == "dense":  # d(operator) = x^T g, summed back into the taps (transpose of the blocks)
+    if kind == "dense":  # d(operator) = x^T g, summed back into the taps
         d_operator = _matmul(x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1), (0, 0),
                              precision)
-        _, blocks_vjp = jax.vjp(lambda k: dense_operator(k, x.shape[1:3], strides, padding),
-                                jnp.zeros(kernel_shape, x.dtype))
-        return blocks_vjp(d_operator)[0]
+        return _dense_weight_grad(d_operator, kernel_shape, x.shape[1:3], strides, padding)
     if kind == "chunked":
         return _weight_grad_chunked(x, g, kernel_shape, strides, padding, precision,
                                     DW_CHUNK_PIXELS)
