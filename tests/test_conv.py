@@ -212,7 +212,8 @@ cpu_setup.configure()
 import jax, jax.numpy as jnp
 conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-print(jax.jit(conv).lower(jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text())
+lowered = jax.jit(conv).lower(jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 32)))
+print(lowered.compile().as_text())
 """
 
 

@@ -15,10 +15,10 @@ their malloc arena when they are created).
    skipped when VI_SIMSIAM_MALLOC=0.
 2. XLA flags: CPU_XLA_FLAGS, appended to XLA_FLAGS unless the user set those flags already.
    `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` takes convolutions away from
-   YNNPACK (jaxlib 0.10.2 runs a YNNPACK convolution on one thread: 94 GFLOP/s on one core or
-   two for a 3x3, 64-channel, 32x32 layer at batch 128) and leaves them to XLA's multi-threaded
-   Eigen convolution (164 GFLOP/s); YNNPACK keeps the dots. The VI-SimSiam step at 32 px (cifar
-   stem) went from 3.5 to 3.1 s on the 2-core machine, at 128 px from 4.7 to 3.3 s.
+   YNNPACK, which jaxlib 0.10.2 runs on one thread (a 3x3, 64-channel layer on 32x32 maps, batch
+   128: 141 ms forward on two cores, 147 ms on one), and leaves them to XLA's multi-threaded
+   Eigen convolution (90 ms); YNNPACK keeps the dots. The VI-SimSiam step on the 2-core machine:
+   3.51 -> 3.07 s at 32 px (cifar stem), 0.97 -> 0.89 s at 64 px. See README, Benchmarks.
 
 Nothing is done when JAX_PLATFORMS names an accelerator first, or VI_SIMSIAM_CPU_SETUP=0.
 """
@@ -28,7 +28,8 @@ import ctypes.util
 import os
 import sys
 
-CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+CPU_XLA_FLAGS: tuple[str, ...] = (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
