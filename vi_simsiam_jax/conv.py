@@ -13,16 +13,14 @@ convolution, not single-threaded YNNPACK):
   64 px): the algebraic simplifier swaps its operands into a convolution that runs at ~1 GFLOP/s
   (1 s per piece) -> every piece "dense": one matmul with the (H W Cin, Ho Wo Cout) matrix of
   the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero padding):
-  82 instead of 95 GFLOP per 64 px step, 0.91 -> 0.89 s (A/B, same process).
+  82 instead of 95 GFLOP per 64 px step (`flops_per_step` of benchmarks.train_step).
 * Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
   2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
   convolution of the output gradient; "im2col" where the output has <= 16 pixels.
-* Weight gradients: XLA's are as fast as the alternatives in isolation but not in the step
-  (3.2 s against 2.8 s at 32 px, paired A/B in one process; XLA also counts 20% more FLOPs)
+* Weight gradients: XLA's are as fast as the alternatives alone (benchmarks.resnet_layers) but
+  were slower in the step in one-off A/B runs (XLA also counts 20% more FLOPs for them)
   -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col that stays in
   cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and one matmul).
-  Against the previous rule (im2col for every output of <= 16 pixels, chunked 1x1 weight
-  gradients): 1.00 -> 0.91 s at 64 px, 2.81 -> 2.84 s at 32 px (A/B, same process).
 Everything else (forwards, stride-1 input gradients) is XLA's native convolution ("native").
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is

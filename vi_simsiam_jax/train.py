@@ -160,7 +160,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
         return new_state
 
     # A cond, not a select over the state: the update is written once, in place (the select
-    # was 34 ms of a 1 s step at 64 px on the 2-core CPU; paired A/B 0.855 -> 0.843 s).
+    # was 34 ms of a 1 s step at 64 px on the 2-core CPU, benchmarks.train_step --profile).
     new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
     metrics.update(grad_norm=grad_norm, learning_rate=learning_rate_fn(state.step),
                    finite=finite.astype(jnp.float32))
