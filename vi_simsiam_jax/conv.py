@@ -15,11 +15,10 @@ convolution, not single-threaded YNNPACK):
   the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero padding):
   82 instead of 95 GFLOP per 64 px step (`flops_per_step` of benchmarks.train_step).
 * Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
-  2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
+  2x2, `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
   convolution of the output gradient; "im2col" where the output has <= 16 pixels.
 * Weight gradients: XLA's are as fast as the alternatives alone (benchmarks.resnet_layers) but
-  were slower in the step in one-off A/B runs (XLA also counts 20% more FLOPs for them)
-  -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col that stays in
+  were slower in the step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col that stays in
   cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and one matmul).
 Everything else (forwards, stride-1 input gradients) is XLA's native convolution ("native").
 
