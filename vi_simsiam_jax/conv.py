@@ -12,14 +12,15 @@ convolution, not single-threaded YNNPACK):
 * A 3x3 convolution whose input is smaller than its window (the 2x2 maps of the last stage at
   64 px): the algebraic simplifier swaps its operands into a convolution that runs at ~1 GFLOP/s
   (1 s per piece) -> every piece "dense": one matmul with the (H W Cin, Ho Wo Cout) matrix of
-  the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero padding):
-  82 instead of 95 GFLOP per 64 px step (`flops_per_step` of benchmarks.train_step).
+  the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero padding).
 * Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
-  2x2, `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
+  2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
   convolution of the output gradient; "im2col" where the output has <= 16 pixels.
-* Weight gradients: XLA's are as fast as the alternatives alone (benchmarks.resnet_layers) but
-  were slower in the step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col that stays in
-  cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and one matmul).
+* Weight gradients: XLA's are as fast as the alternatives alone but were slower in the step in
+  one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col
+  that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and
+  one matmul).
+Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`.
 Everything else (forwards, stride-1 input gradients) is XLA's native convolution ("native").
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
