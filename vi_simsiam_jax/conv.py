@@ -192,28 +192,48 @@ def winograd_applies(kernel_hw: Sequence[int], strides: Sequence[int], padding: 
             and tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
 
 
-def winograd_conv(x: Array, kernel: Array, precision=None) -> Array:
-    """3x3, stride-1, padding-1 NHWC x HWIO convolution by Winograd F(2x2, 3x3): 16 matmuls of
-    (tiles, Cin) x (Cin, Cout), 44% of the direct method's multiplications. Odd sides are padded
-    to whole tiles. The transforms are separable (rows, then columns) sums of strided slices."""
+def _winograd_kernel(kernel: Array) -> list[list[Array]]:
+    """G g G^T: the (Cin, Cout) matrices U[a][b], a, b < 4, of a (3, 3, Cin, Cout) kernel."""
+    rows = [_combine(_WINOGRAD_G[a], list(kernel)) for a in range(4)]  # (3, cin, cout)
+    return [[_combine(_WINOGRAD_G[c], list(rows[a])) for c in range(4)] for a in range(4)]
+
+
+def _winograd(x: Array, kernel_tiles: list[list[Array]], contract: int, precision) -> Array:
+    """sum over input channels of (B^T d B) * U for every 2x2 output tile, then A^T m A.
+    U[a][b] is (Cin, Cout) with contract=0 and (Cout, Cin) with contract=1."""
     b, h, w, cin = x.shape
     th, tw = -(-h // 2), -(-w // 2)  # 2x2 output tiles per column / row
     xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
     rows = [lax.slice_in_dim(xp, i, i + 2 * th - 1, 2, axis=1) for i in range(4)]
     rows = [_combine(_WINOGRAD_BT[a], rows) for a in range(4)]  # (b, th, 2 tw + 2, cin)
-    kernel_rows = [_combine(_WINOGRAD_G[a], list(kernel)) for a in range(4)]  # (3, cin, cout)
     products = []
     for a in range(4):
         cols = [lax.slice_in_dim(rows[a], j, j + 2 * tw - 1, 2, axis=2) for j in range(4)]
         products.append([
-            _matmul(_combine(_WINOGRAD_BT[c], cols).reshape(-1, cin),
-                    _combine(_WINOGRAD_G[c], list(kernel_rows[a])), (1, 0), precision)
+            _matmul(_combine(_WINOGRAD_BT[c], cols).reshape(-1, cin), kernel_tiles[a][c],
+                    (1, contract), precision)
             for c in range(4)])  # (b th tw, cout)
     half = [[_combine(_WINOGRAD_AT[s], products[a]) for s in range(2)] for a in range(4)]
     tiles = jnp.stack([jnp.stack([_combine(_WINOGRAD_AT[r], [half[a][s] for a in range(4)])
                                   for s in range(2)], 1) for r in range(2)], 1)  # (., 2, 2, cout)
     y = tiles.reshape(b, th, tw, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(b, 2 * th, 2 * tw, -1)[:, :h, :w]
+
+
+def winograd_conv(x: Array, kernel: Array, precision=None) -> Array:
+    """3x3, stride-1, padding-1 NHWC x HWIO convolution by Winograd F(2x2, 3x3): 16 matmuls of
+    (tiles, Cin) x (Cin, Cout), 44% of the direct method's multiplications. Odd sides are padded
+    to whole tiles. The transforms are separable (rows, then columns) sums of strided slices."""
+    return _winograd(x, _winograd_kernel(kernel), 0, precision)
+
+
+def _winograd_input_grad(g: Array, kernel: Array, precision=None) -> Array:
+    """d(winograd_conv)/dx: the same convolution of g with the kernel flipped and transposed.
+    G flip(k) is G k with rows 0 and 3 swapped, so it reuses the kernel's U, taps permuted,
+    contracted over Cout."""
+    u = _winograd_kernel(kernel)
+    flip = (3, 1, 2, 0)
+    return _winograd(g, [[u[flip[a]][flip[c]] for c in range(4)] for a in range(4)], 1, precision)
 
 
 def _check_winograd(kernel_hw, strides, padding) -> None:
@@ -281,9 +301,9 @@ def _input_grad(kind: str, g: Array, kernel: Array, in_shape: Sequence[int], str
                 precision) -> Array:
     if kind == "phases" and tuple(strides) != (1, 1):
         return _input_grad_phases(g, kernel, in_shape, strides, padding, precision)
-    if kind == "winograd":  # the same convolution of g with the flipped, transposed kernel
+    if kind == "winograd":
         _check_winograd(kernel.shape[:2], strides, padding)
-        return winograd_conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), precision)
+        return _winograd_input_grad(g, kernel, precision)
     if kind == "dense":
         operator = dense_operator(kernel, in_shape[1:3], strides, padding)
         return _matmul(g.reshape(g.shape[0], -1), operator, (1, 1), precision).reshape(in_shape)
