@@ -8,9 +8,13 @@ synthetic views, with the architecture, loss and optimiser of ../shared/bench/to
 ResNet-18 -> projector (dim, dim, dim) -> predictor (pred_dim, dim + 1 for vi_simsiam), SGD lr
 1e-3, momentum 0.9, weight decay 1e-4, BN weights not zero-initialised. It prints one JSON line
 with the reference's fields (`images_per_sec` counts source images, each seen in every view;
-`step_s`; `first_step_s`, compile included) plus compile_s, XLA's FLOPs per step, the achieved
-GFLOP/s and its fraction of the machine's float32 peak, and peak memory; with --profile, the
-time per step of each kind of XLA op, from a jax.profiler trace.
+`step_s`; `first_step_s`, compile included) plus compile_s, FLOPs per step, the achieved GFLOP/s and its
+fraction of the machine's float32 peak, and peak memory; with --profile, the time per step of
+each kind of XLA op, from a jax.profiler trace. FLOPs: `flops_per_step` is XLA's cost analysis
+of the compiled step (what it executes: Winograd convolutions do fewer multiplications, and
+the body of a loop, such as the chunked weight gradients' scan, is counted once);
+`direct_flops_per_step` is XLA's count for the same step with plain nn.Conv (the direct
+method's arithmetic, which PyTorch does), and GFLOP/s and the fraction of peak use it.
 
 With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
 same invocation, interleaved with JAX for --rounds rounds (the 2-core machine is shared, so both
@@ -116,6 +120,11 @@ class JaxStep:
         self.compiled = p_step.lower(self.state, self.views, self.keys).compile()
         self.compile_s = time.perf_counter() - start
         self.flops = _cost(self.compiled)
+        # The direct method's arithmetic (what PyTorch computes): XLA's count for the same step
+        # with nn.Conv, before compilation.
+        native_step = train.make_p_train_step(model.clone(conv=conv_lib.nn.Conv), config,
+                                              steps_per_epoch)
+        self.direct_flops = _cost(native_step.lower(self.state, self.views, self.keys))
         memory = self.compiled.memory_analysis()
         self.temp_bytes = getattr(memory, "temp_size_in_bytes", None) if memory else None
         start = time.perf_counter()
@@ -179,7 +188,7 @@ def main(argv: list[str]) -> None:
         if reference:
             torch_times.append(reference["step_s"])
     step_s = statistics.median(jax_times)
-    gflops = step.flops / step_s / 1e9
+    gflops = step.direct_flops / step_s / 1e9
     result = {
         "impl": "jax", "method": FLAGS.method, "image_size": FLAGS.image_size,
         "batch_size": FLAGS.batch_size, "views": FLAGS.views, "stem": FLAGS.stem,
@@ -187,7 +196,8 @@ def main(argv: list[str]) -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),
         "step_s": round(step_s, 4), "images_per_sec": round(FLAGS.batch_size / step_s, 2),
-        "loss": round(loss, 4), "flops_per_step": step.flops, "gflops_per_sec": round(gflops, 1),
+        "loss": round(loss, 4), "flops_per_step": step.flops,
+        "direct_flops_per_step": step.direct_flops, "gflops_per_sec": round(gflops, 1),
         "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "xla_temp_mib": round(step.temp_bytes / 2**20, 1) if step.temp_bytes else None,
