@@ -150,6 +150,8 @@ def test_auto_choice():
             == plan("native", "native", "chunked"))
     assert (choose((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), pads)  # cifar stem
             == plan("native", "native", "chunked"))
+    assert (choose((128, 128, 128, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))  # imagenet stem
+            == plan("native", "phases", "native"))
     assert choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), pads, "native") == plan()
 
 

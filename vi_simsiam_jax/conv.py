@@ -16,12 +16,16 @@ convolution, not single-threaded YNNPACK):
 * Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
   2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
   convolution of the output gradient; "im2col" where the output has <= 16 pixels.
-* Weight gradients: XLA's are as fast as the alternatives alone but were slower in the step in
-  one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an im2col
-  that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided slice and
-  one matmul).
+* 3x3 stride-1 layers (most of ResNet-18's arithmetic) on even sides -> "winograd" for the
+  forward and the input gradient (Winograd F(2x2, 3x3): 16 matmuls over 2x2 output tiles, 44%
+  of the direct method's multiplications), and for the weight gradient from 128 input channels
+  on (below that its transforms cost more than they save).
+* Other weight gradients: XLA's are as fast as the alternatives alone but were slower in the
+  step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an
+  im2col that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided
+  slice and one matmul); the 7x7 stem: "native" (XLA's).
 Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`.
-Everything else (forwards, stride-1 input gradients) is XLA's native convolution ("native").
+Everything else (the stems, strided forwards, odd sides) is XLA's native convolution.
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
 lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`conv_for_backend`).
@@ -491,7 +495,13 @@ def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequen
         input_grad = "native"
     else:  # small strided outputs are skinny matmuls
         input_grad = "im2col" if ho * wo <= IM2COL_MAX_OUTPUT_PIXELS else "phases"
-    return Plan("native", input_grad, "im2col" if kh * kw == 1 else "chunked")
+    if kh * kw == 1:
+        weight_grad = "im2col"
+    elif kh * kw > 9:  # the 7x7 stem: im2col rows of 49 x 3 values, mostly copying
+        weight_grad = "native"
+    else:
+        weight_grad = "chunked"
+    return Plan("native", input_grad, weight_grad)
 
 
 def make_conv_general_dilated(policy: str = "auto") -> Callable[..., Array]:
