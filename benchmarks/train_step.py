@@ -8,9 +8,9 @@ synthetic views, with the architecture, loss and optimiser of ../shared/bench/to
 ResNet-18 -> projector (dim, dim, dim) -> predictor (pred_dim, dim + 1 for vi_simsiam), SGD lr
 1e-3, momentum 0.9, weight decay 1e-4, BN weights not zero-initialised. It prints one JSON line
 with the reference's fields (`images_per_sec` counts source images, each seen in every view;
-`step_s`; `first_step_s`, compile included) plus compile_s, FLOPs per step, the achieved GFLOP/s and its
-fraction of the machine's float32 peak, and peak memory; with --profile, the time per step of
-each kind of XLA op, from a jax.profiler trace. FLOPs: `flops_per_step` is XLA's cost analysis
+`step_s`; `first_step_s`, compile included) plus compile_s, FLOPs per step, the achieved
+GFLOP/s and its fraction of the machine's float32 peak, and peak memory; with --profile, the
+time per step of each kind of XLA op, from a jax.profiler trace. FLOPs: `flops_per_step` is XLA's cost analysis
 of the compiled step (what it executes: Winograd convolutions do fewer multiplications, and
 the body of a loop, such as the chunked weight gradients' scan, is counted once);
 `direct_flops_per_step` is XLA's count for the same step with plain nn.Conv (the direct
