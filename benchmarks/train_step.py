@@ -18,8 +18,11 @@ counted once);
 method's arithmetic, which PyTorch does), and GFLOP/s and the fraction of peak use it.
 
 With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
-same invocation, interleaved with JAX for --rounds rounds (the 2-core machine is shared, so both
-see the same load); medians over rounds and the JAX / PyTorch ratio are reported.
+same invocation: benchmarks/torch_train_step.py builds its model, optimiser and inputs from
+--torch_script and stays alive, and the two alternate, --steps JAX steps then --steps PyTorch
+steps, for --rounds rounds (the 2-core machine's speed drifts, by up to 40% for JAX over tens of
+seconds, so both are timed step by step in the same stretch). `step_s` and `torch_step_s` are
+the medians of the single-step times, and the ratio is theirs.
 One difference in semantics: the JAX step concatenates same-size views into one batch, so
 BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
 """
@@ -56,8 +59,10 @@ flags.DEFINE_integer("views", 2, "Views per image (all global crops of image_siz
 flags.DEFINE_integer("dim", 2048, "Projection dimension (and projector hidden width).")
 flags.DEFINE_integer("pred_dim", 512, "Predictor hidden width.")
 flags.DEFINE_enum("stem", "imagenet", ["imagenet", "cifar"], "ResNet-18 stem.")
-flags.DEFINE_integer("steps", 5, "Timed steps per round (after one warm-up step).")
-flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) measurements; medians reported.")
+flags.DEFINE_integer("steps", 5, "Timed steps per round, of each framework.")
+flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) steps; medians over every step.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps of each framework after its first (XLA:CPU's "
+                     "heap grows to its peak, with page faults, over the first few steps).")
 flags.DEFINE_enum("conv", "backend", ["backend", "native"] + list(conv_lib.POLICIES),
                   "Convolution: 'backend' = whatever train.make_model picks; 'native' = nn.Conv; "
                   "'auto'/'im2col' = the CPU formulations of vi_simsiam_jax.conv.")
@@ -131,20 +136,20 @@ class JaxStep:
         start = time.perf_counter()
         self._step()
         self.first_step_s = self.compile_s + time.perf_counter() - start
-        for _ in range(2):  # the heap grows to its peak (page faults) over the first 3 steps
-            self._step()
 
     def _step(self):
         self.state, metrics = self.compiled(self.state, self.views, self.keys)
         jax.block_until_ready(metrics)
         return metrics
 
-    def time_steps(self, steps: int) -> tuple[float, float]:
-        self._step()  # warm-up, as the reference
-        start = time.perf_counter()
+    def time_steps(self, steps: int) -> tuple[list[float], float]:
+        """Seconds of each of `steps` steps, and the last loss."""
+        times = []
         for _ in range(steps):
+            start = time.perf_counter()
             metrics = self._step()
-        return (time.perf_counter() - start) / steps, float(metrics["loss"][0])
+            times.append(time.perf_counter() - start)
+        return times, float(metrics["loss"][0])
 
 
 def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float]:
@@ -162,32 +167,40 @@ def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float
         op = re.fullmatch(r"([a-z][\w-]*)(\.\d+)?", event.get("name", ""))
         if event.get("ph") == "X" and op:
             totals[op.group(1)] += event.get("dur", 0)
-    timed_steps = steps + 1  # time_steps runs one warm-up step first
-    return {name: round(us / 1e3 / timed_steps, 1) for name, us in totals.most_common(top)}
+    return {name: round(us / 1e3 / steps, 1) for name, us in totals.most_common(top)}
 
 
-def torch_reference() -> dict | None:
+def torch_peer() -> peer.Server | None:
+    """benchmarks/torch_train_step.py on the reference, with this benchmark's shapes."""
     if not FLAGS.torch_python:
         return None
-    command = [FLAGS.torch_python, FLAGS.torch_script, f"--method={FLAGS.method}",
+    command = [FLAGS.torch_python, str(pathlib.Path(__file__).with_name("torch_train_step.py")),
+               FLAGS.torch_script, f"--method={FLAGS.method}",
                f"--image_size={FLAGS.image_size}", f"--batch_size={FLAGS.batch_size}",
                f"--views={FLAGS.views}", f"--dim={FLAGS.dim}", f"--pred_dim={FLAGS.pred_dim}",
-               f"--steps={FLAGS.steps}", f"--threads={FLAGS.threads}"]
+               f"--threads={FLAGS.threads}"]
     if FLAGS.stem == "cifar":
         command.append("--cifar_stem")
-    return peer.run_json(command)
+    return peer.Server(command)
 
 
 def main(argv: list[str]) -> None:
     del argv
     step = JaxStep()
-    jax_times, torch_times, loss = [], [], float("nan")
+    reference = torch_peer()
+    step.time_steps(FLAGS.warmup)
+    if reference:
+        reference.request(str(FLAGS.warmup))
+    jax_times, torch_times, loss, torch_loss = [], [], float("nan"), float("nan")
     for _ in range(FLAGS.rounds):
-        step_s, loss = step.time_steps(FLAGS.steps)
-        jax_times.append(step_s)
-        reference = torch_reference()
+        times, loss = step.time_steps(FLAGS.steps)
+        jax_times += times
         if reference:
-            torch_times.append(reference["step_s"])
+            reply = reference.request(str(FLAGS.steps))
+            torch_times += reply["step_s"]
+            torch_loss = reply["loss"]
+    if reference:
+        reference.close()
     step_s = statistics.median(jax_times)
     gflops = step.direct_flops / step_s / 1e9
     result = {
@@ -202,16 +215,18 @@ def main(argv: list[str]) -> None:
         "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "xla_temp_mib": round(step.temp_bytes / 2**20, 1) if step.temp_bytes else None,
-        "step_s_rounds": [round(t, 4) for t in jax_times],
+        "step_s_all": [round(t, 3) for t in jax_times],
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if FLAGS.profile:
         result["op_ms_per_step"] = op_time_by_kind(step, FLAGS.steps)
     if torch_times:
         torch_step_s = statistics.median(torch_times)
-        result.update(torch_step_s=round(torch_step_s, 4),
+        result.update(torch_first_step_s=reference.ready["first_step_s"],
+                      torch_step_s=round(torch_step_s, 4),
                       torch_images_per_sec=round(FLAGS.batch_size / torch_step_s, 2),
-                      torch_step_s_rounds=[round(t, 4) for t in torch_times],
+                      torch_step_s_all=[round(t, 3) for t in torch_times],
+                      torch_loss=round(torch_loss, 4),
                       ratio_images_per_sec=round(torch_step_s / step_s, 3))
     print(json.dumps(result))
 
