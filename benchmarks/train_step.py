@@ -20,8 +20,8 @@ method's arithmetic, which PyTorch does), and GFLOP/s and the fraction of peak u
 With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
 same invocation: benchmarks/torch_train_step.py builds its model, optimiser and inputs from
 --torch_script and stays alive, and the two alternate, --steps JAX steps then --steps PyTorch
-steps, for --rounds rounds (the 2-core machine's speed drifts, by up to 40% for JAX over tens of
-seconds, so both are timed step by step in the same stretch). `step_s` and `torch_step_s` are
+steps, for --rounds rounds (JAX's speed on the 2-core machine drifts over tens of seconds, so
+both are timed step by step in the same stretches). `step_s` and `torch_step_s` are
 the medians of the single-step times, and the ratio is theirs.
 One difference in semantics: the JAX step concatenates same-size views into one batch, so
 BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
