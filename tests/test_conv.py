@@ -18,9 +18,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # (input side, cin, cout, kernel, stride, padding): the convolutions of ResNet-18 (7x7/2 p3 stem,
 # 3x3/1 p1, 3x3/2 p1, 1x1/2 p0 shortcut), incl. odd sides, inputs smaller than the window (2x2
-# and 1x1 maps under a 3x3 kernel, which XLA rewrites), a 3x3/1 stem on 3 channels and the
+# and 1x1 maps under a 3x3 kernel, which XLA rewrites), a 3x3/1 stem on 3 channels, the
 # channel counts at which the auto plan takes Winograd (16: forward and input gradient; 128:
-# weight gradient too).
+# weight gradient too) and small odd maps, which it runs tap by tap.
 CASES = [
     (11, 3, 8, 7, 2, 3),
     (10, 3, 8, 3, 1, 1),
@@ -28,6 +28,8 @@ CASES = [
     (2, 8, 8, 3, 1, 1),
     (8, 16, 8, 3, 1, 1),
     (4, 128, 8, 3, 1, 1),
+    (3, 8, 8, 3, 1, 1),
+    (5, 16, 8, 3, 1, 1),
     (1, 8, 8, 3, 1, 1),
     (8, 4, 8, 3, 2, 1),
     (7, 4, 8, 3, 2, 1),
@@ -70,6 +72,8 @@ def test_formulations_equal_native_convolution(size, cin, cout, k, stride, pad):
     plans = PLANS + [conv_lib.choose(x.shape, w.shape, (stride, stride), pads)]
     if conv_lib.winograd_applies((k, k), (stride, stride), pads):
         plans.append(conv_lib.Plan("winograd", "winograd", "winograd"))
+    if stride == 1:
+        plans.append(conv_lib.Plan("taps", "taps", "taps"))
 
     @jax.jit
     def all_plans(x, w, g):
@@ -146,7 +150,9 @@ def test_auto_choice():
             == plan("winograd", "winograd", "chunked"))
     assert (choose((128, 8, 8, 256), (3, 3, 256, 256), (1, 1), pads)
             == plan("winograd", "winograd", "winograd"))
-    assert (choose((128, 3, 3, 512), (3, 3, 512, 512), (1, 1), pads)  # odd side
+    assert (choose((128, 3, 3, 512), (3, 3, 512, 512), (1, 1), pads)  # small odd side
+            == plan("taps", "taps", "taps"))
+    assert (choose((128, 7, 7, 256), (3, 3, 256, 256), (1, 1), pads)  # larger odd side
             == plan("native", "native", "chunked"))
     assert (choose((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), pads)  # cifar stem
             == plan("native", "native", "chunked"))
@@ -160,6 +166,13 @@ def test_winograd_refuses_other_convolutions():
     with pytest.raises(ValueError, match="winograd: 3x3 kernels, stride 1, padding 1"):
         conv_lib.conv_planned(x, w, (2, 2), ((1, 1), (1, 1)), None,
                               conv_lib.Plan("winograd", "native", "native"))
+
+
+def test_taps_refuses_strided_convolutions():
+    x, w = jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 4, 4))
+    with pytest.raises(ValueError, match="taps: stride 1 only"):
+        conv_lib.conv_planned(x, w, (2, 2), ((1, 1), (1, 1)), None,
+                              conv_lib.Plan("taps", "native", "native"))
 
 
 def test_backend_selection():

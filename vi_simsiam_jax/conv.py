@@ -24,8 +24,12 @@ convolution, not single-threaded YNNPACK):
   step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an
   im2col that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided
   slice and one matmul); the 7x7 stem: "native" (XLA's).
+* Stride-1 layers on small maps that Winograd does not take (odd sides: 3x3 maps at 96 px, 5x5
+  at 160 px) -> "taps": one matmul per kernel tap over the pixels it reaches, so no products
+  with the zero padding (XLA's convolution multiplies it: 81 (tap, pixel) pairs per 3x3 map
+  instead of 49). Up to TAPS_MAX_PIXELS pixels; on 7x7 maps it no longer paid off alone.
 Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`.
-Everything else (the stems, strided forwards, odd sides) is XLA's native convolution.
+Everything else (the stems, strided forwards, larger odd sides) is XLA's native convolution.
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
 lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`conv_for_backend`).
@@ -54,6 +58,8 @@ IM2COL_MAX_OUTPUT_PIXELS = 16
 # channels (the forward and the input gradient), and this many for the weight gradient.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 128
+# auto policy: "taps" for the other stride-1 layers on maps of at most this many pixels.
+TAPS_MAX_PIXELS = 25
 # "chunked" weight gradients: output pixels per chunk (rounded to whole images).
 DW_CHUNK_PIXELS = 2048
 
@@ -116,7 +122,8 @@ class Plan:
     """How one convolution runs: forward in FORWARDS, input gradient in INPUT_GRADS, weight
     gradient in WEIGHT_GRADS. "native": XLA's convolution; "im2col": im2col + one matmul (its
     transpose for the input gradient); "dense": one matmul with `dense_operator`; "winograd":
-    `winograd_conv` (3x3, stride 1, padding 1 only); "phases":
+    `winograd_conv` (3x3, stride 1, padding 1 only); "taps": one matmul per kernel tap
+    (`taps_conv`, stride 1 only); "phases":
     stride-phase-split native convolutions (stride 1: native); "chunked": `lax.scan` over
     chunks of images, an im2col matmul each."""
     forward: str = "native"
@@ -124,9 +131,9 @@ class Plan:
     weight_grad: str = "native"
 
 
-FORWARDS = ("native", "im2col", "dense", "winograd")
-INPUT_GRADS = ("native", "phases", "im2col", "dense", "winograd")
-WEIGHT_GRADS = ("native", "chunked", "im2col", "dense", "winograd")
+FORWARDS = ("native", "im2col", "dense", "winograd", "taps")
+INPUT_GRADS = ("native", "phases", "im2col", "dense", "winograd", "taps")
+WEIGHT_GRADS = ("native", "chunked", "im2col", "dense", "winograd", "taps")
 
 
 def _dense_blocks(kernel_hw, in_hw, strides, padding):
@@ -240,6 +247,75 @@ def _winograd_input_grad(g: Array, kernel: Array, precision=None) -> Array:
     return _winograd(g, [[u[flip[a]][flip[c]] for c in range(4)] for a in range(4)], 1, precision)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tap by tap, for stride-1 convolutions on small maps: one matmul per kernel tap, over the output
+# pixels whose input under that tap lies inside the map, so nothing is multiplied by the zero
+# padding (on a 3x3 map, 49 of the direct method's 81 (tap, pixel) products are not).
+
+def _tap_windows(in_hw: Sequence[int], kernel_hw: Sequence[int], padding: Padding):
+    """(i, j, input window, output window) for each tap (i, j) of a stride-1 convolution that
+    reaches the input; a window is ((row0, row1), (col0, col1))."""
+    (h, w), (kh, kw), ((top, _), (left, _)) = in_hw, kernel_hw, padding
+    ho, wo = _out_hw(in_hw, kernel_hw, (1, 1), padding)
+    windows = []
+    for i in range(kh):
+        r0, r1 = max(0, top - i), min(ho, h + top - i)
+        for j in range(kw):
+            c0, c1 = max(0, left - j), min(wo, w + left - j)
+            if r0 < r1 and c0 < c1:
+                inputs = ((r0 + i - top, r1 + i - top), (c0 + j - left, c1 + j - left))
+                windows.append((i, j, inputs, ((r0, r1), (c0, c1))))
+    return windows
+
+
+def _window(v: Array, window) -> Array:
+    (r0, r1), (c0, c1) = window
+    return v[:, r0:r1, c0:c1]
+
+
+def _tap_matmuls(v: Array, pieces, out_hw: Sequence[int], contract: int, precision) -> Array:
+    """sum over (source window, tap matrix, destination window) of window(v) @ tap matrix
+    (contracting its dimension `contract`), zero-padded into an out_hw map at the destination."""
+    total = None
+    for source, tap, (rows, cols) in pieces:
+        patch = _window(v, source)
+        y = _matmul(patch.reshape(-1, patch.shape[3]), tap, (1, contract), precision)
+        y = jnp.pad(y.reshape(patch.shape[:3] + (-1,)),
+                    ((0, 0), (rows[0], out_hw[0] - rows[1]), (cols[0], out_hw[1] - cols[1]),
+                     (0, 0)))
+        total = y if total is None else total + y
+    return total
+
+
+def taps_conv(x: Array, kernel: Array, padding: Padding, precision=None) -> Array:
+    """Stride-1 NHWC/HWIO convolution as one matmul per kernel tap."""
+    windows = _tap_windows(x.shape[1:3], kernel.shape[:2], padding)
+    return _tap_matmuls(x, [(inputs, kernel[i, j], outputs) for i, j, inputs, outputs in windows],
+                        _out_hw(x.shape[1:3], kernel.shape[:2], (1, 1), padding), 0, precision)
+
+
+def _taps_input_grad(g: Array, kernel: Array, in_shape: Sequence[int], padding: Padding,
+                     precision) -> Array:
+    windows = _tap_windows(in_shape[1:3], kernel.shape[:2], padding)
+    return _tap_matmuls(g, [(outputs, kernel[i, j], inputs) for i, j, inputs, outputs in windows],
+                        in_shape[1:3], 1, precision)
+
+
+def _taps_weight_grad(x: Array, g: Array, kernel_shape: Sequence[int], padding: Padding,
+                      precision) -> Array:
+    kh, kw, cin, cout = kernel_shape
+    taps = {(i, j): _matmul(_window(x, inputs).reshape(-1, cin),
+                            _window(g, outputs).reshape(-1, cout), (0, 0), precision)
+            for i, j, inputs, outputs in _tap_windows(x.shape[1:3], (kh, kw), padding)}
+    zero = jnp.zeros((cin, cout), jnp.result_type(x, g))
+    return jnp.stack([jnp.stack([taps.get((i, j), zero) for j in range(kw)]) for i in range(kh)])
+
+
+def _check_taps(strides) -> None:
+    if tuple(strides) != (1, 1):
+        raise ValueError(f"taps: stride 1 only; got strides {tuple(strides)}")
+
+
 def _check_winograd(kernel_hw, strides, padding) -> None:
     if not winograd_applies(kernel_hw, strides, padding):
         raise ValueError(f"winograd: 3x3 kernels, stride 1, padding 1 only; got kernel "
@@ -247,6 +323,9 @@ def _check_winograd(kernel_hw, strides, padding) -> None:
 
 
 def _forward(kind: str, x: Array, kernel: Array, strides, padding, precision) -> Array:
+    if kind == "taps":
+        _check_taps(strides)
+        return taps_conv(x, kernel, padding, precision)
     if kind == "winograd":
         _check_winograd(kernel.shape[:2], strides, padding)
         return winograd_conv(x, kernel, precision)
@@ -305,6 +384,9 @@ def _input_grad(kind: str, g: Array, kernel: Array, in_shape: Sequence[int], str
                 precision) -> Array:
     if kind == "phases" and tuple(strides) != (1, 1):
         return _input_grad_phases(g, kernel, in_shape, strides, padding, precision)
+    if kind == "taps":
+        _check_taps(strides)
+        return _taps_input_grad(g, kernel, in_shape, padding, precision)
     if kind == "winograd":
         _check_winograd(kernel.shape[:2], strides, padding)
         return _winograd_input_grad(g, kernel, precision)
@@ -355,6 +437,9 @@ def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], str
     if kind == "chunked":
         return _weight_grad_chunked(x, g, kernel_shape, strides, padding, precision,
                                     DW_CHUNK_PIXELS)
+    if kind == "taps":
+        _check_taps(strides)
+        return _taps_weight_grad(x, g, kernel_shape, padding, precision)
     if kind == "im2col":
         kh, kw, cin, cout = kernel_shape
         cols = im2col(x, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
@@ -491,6 +576,8 @@ def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequen
         weight_grad = ("winograd" if in_shape[3] >= WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS
                        else "chunked")
         return Plan("winograd", "winograd", weight_grad)
+    if tuple(strides) == (1, 1) and h * w <= TAPS_MAX_PIXELS:
+        return Plan("taps", "taps", "taps")
     if tuple(strides) == (1, 1):
         input_grad = "native"
     else:  # small strided outputs are skinny matmuls
