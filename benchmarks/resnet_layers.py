@@ -6,7 +6,7 @@ weight gradient in each formulation of `vi_simsiam_jax.conv`, against PyTorch's.
 Prints one JSON line per layer shape (distinct shapes once, with how many times ResNet-18 has it):
 `jax_ms` maps "forward/native", "input_grad/phases", "weight_grad/chunked", ... to the best of
 --repeats jitted calls ("dense" only where the map has at most as many pixels as the kernel,
-"winograd" only for 3x3 stride-1 layers);
+"winograd" only for 3x3 stride-1 layers, "taps" only for stride-1 layers);
 `auto` is the plan `conv.choose` makes; `torch_ms` (from
 benchmarks/torch_resnet_layers.py in --torch_python, 2 threads) has "forward", "input_grad" and
 "weight_grad" for torch.nn.Conv2d (NCHW). The layers are timed alone, so concurrency and caches
@@ -74,10 +74,11 @@ def jax_pieces(side, cin, cout, k, stride) -> dict[str, float]:
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32))
     g = jnp.asarray(rng.standard_normal((FLAGS.batch_size, out, out, cout), np.float32))
     ms = {}
-    def kinds(all_kinds):  # dense: only where it is small; winograd: where it applies
+    def kinds(all_kinds):  # dense: only where it is small; winograd, taps: where they apply
         return [kind for kind in all_kinds
                 if (kind != "dense" or side * side <= k * k)
-                and (kind != "winograd" or conv.winograd_applies((k, k), strides, padding))]
+                and (kind != "winograd" or conv.winograd_applies((k, k), strides, padding))
+                and (kind != "taps" or stride == 1)]
 
     for kind in kinds(conv.FORWARDS):
         ms[f"forward/{kind}"] = best_ms(
