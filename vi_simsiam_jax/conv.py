@@ -250,7 +250,7 @@ def _winograd_input_grad(g: Array, kernel: Array, precision=None) -> Array:
 # ---------------------------------------------------------------------------------------------
 # Tap by tap, for stride-1 convolutions on small maps: one matmul per kernel tap, over the output
 # pixels whose input under that tap lies inside the map, so nothing is multiplied by the zero
-# padding (on a 3x3 map, 49 of the direct method's 81 (tap, pixel) products are not).
+# padding (on a 3x3 map, 32 of the direct method's 81 (tap, pixel) products are).
 
 def _tap_windows(in_hw: Sequence[int], kernel_hw: Sequence[int], padding: Padding):
     """(i, j, input window, output window) for each tap (i, j) of a stride-1 convolution that
