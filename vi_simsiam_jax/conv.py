@@ -268,47 +268,19 @@ def _tap_windows(in_hw: Sequence[int], kernel_hw: Sequence[int], padding: Paddin
     return windows
 
 
-def _window(v: Array, window) -> Array:
-    (r0, r1), (c0, c1) = window
-    return v[:, r0:r1, c0:c1]
-
-
-def _tap_matmuls(v: Array, pieces, out_hw: Sequence[int], contract: int, precision) -> Array:
-    """sum over (source window, tap matrix, destination window) of window(v) @ tap matrix
-    (contracting its dimension `contract`), zero-padded into an out_hw map at the destination."""
+def taps_conv(x: Array, kernel: Array, padding: Padding, precision=None) -> Array:
+    """Stride-1 NHWC/HWIO convolution as one matmul per kernel tap, each zero-padded into the
+    output at its window (its gradients, by jax.vjp, are the same matmuls transposed)."""
+    ho, wo = _out_hw(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
     total = None
-    for source, tap, (rows, cols) in pieces:
-        patch = _window(v, source)
-        y = _matmul(patch.reshape(-1, patch.shape[3]), tap, (1, contract), precision)
+    for i, j, (in_rows, in_cols), (rows, cols) in _tap_windows(x.shape[1:3], kernel.shape[:2],
+                                                               padding):
+        patch = x[:, in_rows[0]:in_rows[1], in_cols[0]:in_cols[1]]
+        y = _matmul(patch.reshape(-1, patch.shape[3]), kernel[i, j], (1, 0), precision)
         y = jnp.pad(y.reshape(patch.shape[:3] + (-1,)),
-                    ((0, 0), (rows[0], out_hw[0] - rows[1]), (cols[0], out_hw[1] - cols[1]),
-                     (0, 0)))
+                    ((0, 0), (rows[0], ho - rows[1]), (cols[0], wo - cols[1]), (0, 0)))
         total = y if total is None else total + y
     return total
-
-
-def taps_conv(x: Array, kernel: Array, padding: Padding, precision=None) -> Array:
-    """Stride-1 NHWC/HWIO convolution as one matmul per kernel tap."""
-    windows = _tap_windows(x.shape[1:3], kernel.shape[:2], padding)
-    return _tap_matmuls(x, [(inputs, kernel[i, j], outputs) for i, j, inputs, outputs in windows],
-                        _out_hw(x.shape[1:3], kernel.shape[:2], (1, 1), padding), 0, precision)
-
-
-def _taps_input_grad(g: Array, kernel: Array, in_shape: Sequence[int], padding: Padding,
-                     precision) -> Array:
-    windows = _tap_windows(in_shape[1:3], kernel.shape[:2], padding)
-    return _tap_matmuls(g, [(outputs, kernel[i, j], inputs) for i, j, inputs, outputs in windows],
-                        in_shape[1:3], 1, precision)
-
-
-def _taps_weight_grad(x: Array, g: Array, kernel_shape: Sequence[int], padding: Padding,
-                      precision) -> Array:
-    kh, kw, cin, cout = kernel_shape
-    taps = {(i, j): _matmul(_window(x, inputs).reshape(-1, cin),
-                            _window(g, outputs).reshape(-1, cout), (0, 0), precision)
-            for i, j, inputs, outputs in _tap_windows(x.shape[1:3], (kh, kw), padding)}
-    zero = jnp.zeros((cin, cout), jnp.result_type(x, g))
-    return jnp.stack([jnp.stack([taps.get((i, j), zero) for j in range(kw)]) for i in range(kh)])
 
 
 def _check_taps(strides) -> None:
@@ -384,9 +356,6 @@ def _input_grad(kind: str, g: Array, kernel: Array, in_shape: Sequence[int], str
                 precision) -> Array:
     if kind == "phases" and tuple(strides) != (1, 1):
         return _input_grad_phases(g, kernel, in_shape, strides, padding, precision)
-    if kind == "taps":
-        _check_taps(strides)
-        return _taps_input_grad(g, kernel, in_shape, padding, precision)
     if kind == "winograd":
         _check_winograd(kernel.shape[:2], strides, padding)
         return _winograd_input_grad(g, kernel, precision)
@@ -394,6 +363,9 @@ def _input_grad(kind: str, g: Array, kernel: Array, in_shape: Sequence[int], str
         operator = dense_operator(kernel, in_shape[1:3], strides, padding)
         return _matmul(g.reshape(g.shape[0], -1), operator, (1, 1), precision).reshape(in_shape)
     x0 = jnp.zeros(in_shape, g.dtype)
+    if kind == "taps":
+        _check_taps(strides)
+        return jax.vjp(lambda v: taps_conv(v, kernel, padding, precision), x0)[1](g)[0]
     if kind == "im2col":  # dcols = g kernel^T, then col2im (the transpose of im2col: pads, adds)
         kh, kw, cin, cout = kernel.shape
         cols, col2im = jax.vjp(lambda v: im2col(v, (kh, kw), strides, padding), x0)
@@ -437,14 +409,14 @@ def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], str
     if kind == "chunked":
         return _weight_grad_chunked(x, g, kernel_shape, strides, padding, precision,
                                     DW_CHUNK_PIXELS)
-    if kind == "taps":
-        _check_taps(strides)
-        return _taps_weight_grad(x, g, kernel_shape, padding, precision)
     if kind == "im2col":
         kh, kw, cin, cout = kernel_shape
         cols = im2col(x, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
         return _matmul(cols, g.reshape(-1, cout), (0, 0), precision).reshape(kernel_shape)
     k0 = jnp.zeros(kernel_shape, x.dtype)
+    if kind == "taps":
+        _check_taps(strides)
+        return jax.vjp(lambda k: taps_conv(x, k, padding, precision), k0)[1](g)[0]
     if kind == "winograd":  # 16 matmuls (tiles^T tiles) in the transformed domain
         _check_winograd(kernel_shape[:2], strides, padding)
         return jax.vjp(lambda k: winograd_conv(x, k, precision), k0)[1](g)[0]
