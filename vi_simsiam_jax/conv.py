@@ -19,7 +19,9 @@ convolution, not single-threaded YNNPACK):
 * 3x3 stride-1 layers (most of ResNet-18's arithmetic) on even sides -> "winograd" for the
   forward and the input gradient (Winograd F(2x2, 3x3): 16 matmuls over 2x2 output tiles, 44%
   of the direct method's multiplications), and for the weight gradient from 128 input channels
-  on (below that its transforms cost more than they save).
+  on (below that its transforms cost more than they save). On inputs of 16 MB and more, one
+  chunk of ~2 MB of images at a time (`lax.map`): the 16 transformed copies of the input
+  otherwise go through memory instead of cache.
 * Other weight gradients: XLA's are as fast as the alternatives alone but were slower in the
   step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an
   im2col that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided
@@ -60,6 +62,10 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 128
 # auto policy: "taps" for the other stride-1 layers on maps of at most this many pixels.
 TAPS_MAX_PIXELS = 25
+# Winograd on inputs of at least WINOGRAD_MIN_CHUNKS chunks of ~WINOGRAD_CHUNK_BYTES: chunk by
+# chunk (at batch 128, the 32x32x64 and 16x16x128 maps of ResNet-18; fewer chunks did not gain).
+WINOGRAD_CHUNK_BYTES = 2 * 2**20
+WINOGRAD_MIN_CHUNKS = 8
 # "chunked" weight gradients: output pixels per chunk (rounded to whole images).
 DW_CHUNK_PIXELS = 2048
 
@@ -211,7 +217,20 @@ def _winograd_kernel(kernel: Array) -> list[list[Array]]:
 
 def _winograd(x: Array, kernel_tiles: list[list[Array]], contract: int, precision) -> Array:
     """sum over input channels of (B^T d B) * U for every 2x2 output tile, then A^T m A.
-    U[a][b] is (Cin, Cout) with contract=0 and (Cout, Cin) with contract=1."""
+    U[a][b] is (Cin, Cout) with contract=0 and (Cout, Cin) with contract=1. Large inputs go
+    through a `lax.map` over chunks of ~WINOGRAD_CHUNK_BYTES, so the transforms and the matmuls
+    of one chunk stay in cache."""
+    b, h, w, cin = x.shape
+    chunk = _largest_divisor_at_most(b, WINOGRAD_CHUNK_BYTES // (h * w * cin * x.dtype.itemsize))
+    if b // chunk >= WINOGRAD_MIN_CHUNKS:
+        ys = lax.map(lambda xc: _winograd_tiles(xc, kernel_tiles, contract, precision),
+                     x.reshape(b // chunk, chunk, h, w, cin))
+        return ys.reshape((b,) + ys.shape[2:])
+    return _winograd_tiles(x, kernel_tiles, contract, precision)
+
+
+def _winograd_tiles(x: Array, kernel_tiles: list[list[Array]], contract: int,
+                    precision) -> Array:
     b, h, w, cin = x.shape
     th, tw = -(-h // 2), -(-w // 2)  # 2x2 output tiles per column / row
     xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
