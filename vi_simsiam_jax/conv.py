@@ -219,7 +219,8 @@ def _winograd(x: Array, kernel_tiles: list[list[Array]], contract: int, precisio
     """sum over input channels of (B^T d B) * U for every 2x2 output tile, then A^T m A.
     U[a][b] is (Cin, Cout) with contract=0 and (Cout, Cin) with contract=1. Large inputs go
     through a `lax.map` over chunks of ~WINOGRAD_CHUNK_BYTES, so the transforms and the matmuls
-    of one chunk stay in cache."""
+    of one chunk stay in cache (the forward and the input gradient; the weight gradient runs
+    `_winograd_tiles` on the whole batch)."""
     b, h, w, cin = x.shape
     chunk = _largest_divisor_at_most(b, WINOGRAD_CHUNK_BYTES // (h * w * cin * x.dtype.itemsize))
     if b // chunk >= WINOGRAD_MIN_CHUNKS:
@@ -436,9 +437,11 @@ def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], str
     if kind == "taps":
         _check_taps(strides)
         return jax.vjp(lambda k: taps_conv(x, k, padding, precision), k0)[1](g)[0]
-    if kind == "winograd":  # 16 matmuls (tiles^T tiles) in the transformed domain
+    if kind == "winograd":  # 16 matmuls (tiles^T tiles) in the transformed domain; unchunked:
+        # under jax.vjp, `_winograd`'s lax.map would stack every chunk's tiles as residuals
         _check_winograd(kernel_shape[:2], strides, padding)
-        return jax.vjp(lambda k: winograd_conv(x, k, precision), k0)[1](g)[0]
+        return jax.vjp(lambda k: _winograd_tiles(x, _winograd_kernel(k), 0, precision),
+                       k0)[1](g)[0]
     return jax.vjp(lambda k: _native(x, k, strides, padding, precision), k0)[1](g)[0]
 
 
