@@ -137,17 +137,17 @@ def test_chunked_weight_gradient_with_several_chunks(monkeypatch):
 
 def test_winograd_in_chunks(monkeypatch):
     """Inputs of WINOGRAD_MIN_CHUNKS chunks or more go through the chunked (lax.map) Winograd:
-    here 8 chunks of two 6x6x16 images; its gradients too."""
+    here 8 chunks of two 6x6x16 images, in the forward and the input gradient."""
     monkeypatch.setattr(conv_lib, "WINOGRAD_CHUNK_BYTES", 2 * 6 * 6 * 16 * 4)
     kx, kw, kg = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(kx, (16, 6, 6, 16), jnp.float32)
-    w = jax.random.normal(kw, (3, 3, 16, 8), jnp.float32) / 12
-    g = jax.random.normal(kg, (16, 6, 6, 8), jnp.float32)
+    w = jax.random.normal(kw, (3, 3, 16, 16), jnp.float32) / 12
+    g = jax.random.normal(kg, (16, 6, 6, 16), jnp.float32)
     winograd = functools.partial(conv_lib.conv_planned,
                                  plan=conv_lib.Plan("winograd", "winograd", "winograd"))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: winograd(x, w, (1, 1), ((1, 1), (1, 1))))(x, w))
-    assert "scan" in jaxpr and "length=8" in jaxpr
-    result = jax.jit(lambda x, w, g: _conv_and_grads(winograd, x, w, g, 1, 1))(x, w, g)
+    conv_and_grads = lambda x, w, g: _conv_and_grads(winograd, x, w, g, 1, 1)
+    assert str(jax.make_jaxpr(conv_and_grads)(x, w, g)).count("length=8") == 2
+    result = jax.jit(conv_and_grads)(x, w, g)
     for actual, expected in zip(result, _conv_and_grads(_native, x, w, g, 1, 1)):
         _assert_close(actual, expected)
 
