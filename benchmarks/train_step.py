@@ -42,7 +42,7 @@ import time
 from benchmarks import peer
 from vi_simsiam_jax import cpu_setup
 
-cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
+CPU_SETUP = cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
 
 import jax  # noqa: E402  (after cpu_setup)
 import numpy as np  # noqa: E402
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
         "impl": "jax", "method": FLAGS.method, "image_size": FLAGS.image_size,
         "batch_size": FLAGS.batch_size, "views": FLAGS.views, "stem": FLAGS.stem,
         "conv": FLAGS.conv, "backend": jax.default_backend(), "jax_version": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "huge_pages": CPU_SETUP["huge_pages"],
         "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),
         "step_s": round(step_s, 4), "images_per_sec": round(FLAGS.batch_size / step_s, 2),
         "loss": round(loss, 4), "flops_per_step": step.flops,
