@@ -5,23 +5,24 @@ their malloc arena when they are created).
 1. Memory. Every step, XLA:CPU mallocs one block for all of the step's intermediates (0.94 GB
    for the ResNet-18 step at 96 px, batch 2 x 64) and frees it when the step is done. glibc
    serves such blocks with a fresh mmap() and unmaps them on free(), so each step faults its
-   pages in again. Linux/glibc only; skipped when VI_SIMSIAM_MALLOC=0.
-   a. Transparent huge pages. Where the kernel gives them only to memory that asks for them
-      (/sys/kernel/mm/transparent_hugepage/enabled is "madvise", the common default), the
+   pages in again: ~0.3 s of a 2 s step on the 2-core machine. Linux/glibc only; skipped when
+   VI_SIMSIAM_MALLOC=0.
+   a. Freed blocks are kept: one malloc arena (glibc's per-thread arenas mmap any block over
+      64 MiB whatever the settings; XLA allocates from its own threads), no mmap and no trimming
+      (mallopt() in this process; child processes are unaffected), so freed blocks are reused:
+      no page faults after the first few steps. The cost: the process keeps its peak heap
+      (about two step buffers more, because a step's block is sometimes freed only after the
+      next step has allocated its own: RSS 3.7 -> 5.5 GB at 96 px, then flat over 30 steps).
+      In a VM whose balloon device takes free pages back (free page reporting), memory given
+      back to the kernel between steps may also cost the hypervisor's page faults on reuse.
+   b. Transparent huge pages. Where the kernel gives them only to memory that asks for them
+      (/sys/kernel/mm/transparent_hugepage/enabled is "madvise", as on our machines), the
       process restarts itself once (same interpreter, same command line) with glibc's tunable
       glibc.malloc.hugetlb=1, so malloc asks for 2 MiB pages: a step's block is then ~500 pages
-      instead of ~250k, faulted in quickly, and the TLB misses far less. Only a program started
-      from a file (`python -m ...`, `python script.py`) restarts; its children see the
-      environment the user gave. Not needed where the setting is "always"; not done when
-      GLIBC_TUNABLES already sets glibc.malloc.hugetlb (b. applies then).
-   b. Without huge pages, 4 KiB page faults cost ~0.3 s of a 2 s step on the 2-core machine, so
-      we set one malloc arena (glibc's per-thread arenas mmap any block over 64 MiB whatever the
-      settings; XLA allocates from its own threads), no mmap and no trimming (mallopt() in this
-      process; child processes are unaffected), and freed blocks are reused: no page faults
-      after the first few steps. The cost: the process keeps its peak heap (about two step
-      buffers more, because a step's block is sometimes freed only after the next step has
-      allocated its own: RSS 3.7 -> 5.5 GB at 96 px, then flat over 30 steps). With huge pages
-      this is not done: keeping the blocks made the steps slower (see README, Benchmarks).
+      instead of ~250k, and the TLB misses far less. Only a program started from a file
+      (`python -m ...`, `python script.py`) restarts; its children see the environment the
+      user gave. Not needed where the setting is "always"; not done when GLIBC_TUNABLES already
+      sets glibc.malloc.hugetlb.
 3. XLA flags: CPU_XLA_FLAGS, appended to XLA_FLAGS unless the user set those flags already.
    `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` takes convolutions away from
    YNNPACK, which jaxlib 0.10.2 runs on one thread (a 3x3, 64-channel layer on 32x32 maps, batch
@@ -61,7 +62,7 @@ def _cpu_backend_expected() -> bool:
 
 
 def tune_malloc() -> bool:
-    """One arena, no mmap, no trimming (see module docstring, 1b). Returns whether it applied."""
+    """One arena, no mmap, no trimming (see module docstring, 1a). Returns whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -88,7 +89,7 @@ def _transparent_huge_pages_mode() -> str | None:
 def huge_pages_for_malloc() -> bool:
     """Whether malloc's memory comes in transparent huge pages; where the kernel must be asked
     and the process can restart, first re-executes it with glibc.malloc.hugetlb=1 (see module
-    docstring, 1a)."""
+    docstring, 1b)."""
     if _USER_TUNABLES in os.environ:  # this is the restarted process
         user_tunables = os.environ.pop(_USER_TUNABLES)
         if user_tunables:
@@ -124,8 +125,7 @@ def configure() -> dict:
         return done
     if os.environ.get("VI_SIMSIAM_MALLOC", "1") != "0":
         done["huge_pages"] = huge_pages_for_malloc()
-        if not done["huge_pages"]:
-            done["malloc"] = tune_malloc()
+        done["malloc"] = tune_malloc()
     flags = os.environ.get("XLA_FLAGS", "").split()
     names = {f.split("=")[0] for f in flags}
     added = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in names]
