@@ -17,6 +17,11 @@ kappa and the probe's predictions come from the linear probe's predictions file
 forward pass); if it does not exist yet the probe is run first.
 """
 
+from vi_simsiam_jax import cpu_setup
+
+if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
+    cpu_setup.configure()  # reads its flags when JAX starts
+
 import json
 import os
 
@@ -24,7 +29,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.kappa_report import analyze
-from vi_simsiam_jax import cpu_setup
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
@@ -42,7 +46,6 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cpu_setup.configure()
     summary = analyze(_WORKDIR.value, step=_STEP.value, predictions=_PREDICTIONS.value,
                       output_dir=_OUTPUT_DIR.value, num_images=_NUM_IMAGES.value,
                       probe_config=_CONFIG.value)

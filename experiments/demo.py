@@ -8,6 +8,11 @@ the same encoder at its random initialisation, runs the kappa analysis, and writ
 <workdir>/report.json. Rerunning resumes the pretraining and redoes the rest.
 """
 
+from vi_simsiam_jax import cpu_setup
+
+if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
+    cpu_setup.configure()  # reads its flags when JAX starts
+
 import json
 import os
 import time
@@ -16,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import kappa_report
-from vi_simsiam_jax import cpu_setup, datasets, probe, train
+from vi_simsiam_jax import datasets, probe, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "cpu_demo.py"),
@@ -34,7 +39,6 @@ def _accuracy(result: dict) -> dict[str, float]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cpu_setup.configure()
     config, workdir = _CONFIG.value, _WORKDIR.value
     timings = {}
 

@@ -12,13 +12,18 @@ The probe settings are in experiments/configs/probe.py; the dataset, image size 
 from the workdir's config.json.
 """
 
+from vi_simsiam_jax import cpu_setup
+
+if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
+    cpu_setup.configure()  # reads its flags when JAX starts
+
 import json
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vi_simsiam_jax import cpu_setup, probe
+from vi_simsiam_jax import probe
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
@@ -45,7 +50,6 @@ def main(argv: list[str]) -> None:
             config.lr_sweep = tuple(float(lr) for lr in _LR_SWEEP.value)
         except ValueError as error:
             raise app.UsageError(f"--lr_sweep must be comma-separated numbers: {error}") from None
-    cpu_setup.configure()
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
     result = probe.run(_WORKDIR.value, config, step=_STEP.value, random_init=_RANDOM_INIT.value,

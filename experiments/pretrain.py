@@ -11,14 +11,18 @@ Several hosts: start the same command on every host with --coordinator_address=H
 --num_processes=N --process_id=I (or --distributed on TPU pods and SLURM, where JAX finds them).
 """
 
-import sys
+from vi_simsiam_jax import cpu_setup
 
+if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
+    cpu_setup.configure()  # reads its flags when JAX starts
+
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vi_simsiam_jax import cpu_setup, train
+from vi_simsiam_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -44,7 +48,6 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cpu_setup.configure()  # before JAX starts its backend
     # Orbax logs every save step at INFO; keep its warnings only.
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)

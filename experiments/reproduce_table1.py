@@ -10,6 +10,11 @@ dataset also gets the random-init probe (the runs' common initial encoder). Writ
 kNN over training). Rerunning resumes: finished pretraining, probes and kNN points are reused.
 """
 
+from vi_simsiam_jax import cpu_setup
+
+if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
+    cpu_setup.configure()  # reads its flags when JAX starts
+
 import json
 import os
 
@@ -21,7 +26,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vi_simsiam_jax import checkpoints, cpu_setup, probe, train  # noqa: E402
+from vi_simsiam_jax import checkpoints, probe, train  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -124,7 +129,6 @@ def main(argv: list[str]) -> None:
     unknown = set(_METHODS.value) - set(METHOD_NAMES)
     if unknown:
         raise app.UsageError(f"--methods must be among {sorted(METHOD_NAMES)}, got {unknown}.")
-    cpu_setup.configure()
     root, probe_config = _WORKDIR.value, _PROBE_CONFIG.value
     os.makedirs(root, exist_ok=True)
     results, runs = {}, {}

@@ -23,7 +23,7 @@ their malloc arena when they are created).
       (`python -m ...`, `python script.py`) restarts; its children see the environment the
       user gave. Not needed where the setting is "always"; not done when GLIBC_TUNABLES already
       sets glibc.malloc.hugetlb.
-3. XLA flags: CPU_XLA_FLAGS, appended to XLA_FLAGS unless the user set those flags already.
+2. XLA flags: CPU_XLA_FLAGS, appended to XLA_FLAGS unless the user set those flags already.
    `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` takes convolutions away from
    YNNPACK, which jaxlib 0.10.2 runs on one thread (a 3x3, 64-channel layer on 32x32 maps, batch
    128: 141 ms forward on two cores, 147 ms on one), and leaves them to XLA's multi-threaded
