@@ -136,7 +136,7 @@ def test_chunked_weight_gradient_with_several_chunks(monkeypatch):
 
 
 def test_winograd_in_chunks(monkeypatch):
-    """Inputs of WINOGRAD_MIN_CHUNKS chunks or more go through the chunked (lax.map) Winograd:
+    """Inputs of WINOGRAD_MIN_CHUNKS chunks or more go through the chunked (fori_loop) Winograd:
     here 8 chunks of two 6x6x16 images, in the forward and the input gradient."""
     monkeypatch.setattr(conv_lib, "WINOGRAD_CHUNK_BYTES", 2 * 6 * 6 * 16 * 4)
     kx, kw, kg = jax.random.split(jax.random.key(2), 3)

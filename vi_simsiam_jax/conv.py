@@ -20,10 +20,10 @@ convolution, not single-threaded YNNPACK):
   forward and the input gradient (Winograd F(2x2, 3x3): 16 matmuls over 2x2 output tiles, 44%
   of the direct method's multiplications), and for the weight gradient from 128 input channels
   on (below that its transforms cost more than they save). On inputs of 16 MB and more, one
-  chunk of ~2 MB of images at a time (`lax.map`): the 16 transformed copies of the input
-  otherwise go through memory instead of cache.
+  chunk of ~2 MB of images at a time (a `lax.fori_loop`): the 16 transformed copies of the
+  input otherwise go through memory instead of cache.
 * Other weight gradients: XLA's are as fast as the alternatives alone but were slower in the
-  step in one-off A/B runs -> "chunked": a `lax.scan` over chunks of ~2k output pixels, each an
+  step in one-off A/B runs -> "chunked": a `lax.fori_loop` over chunks of ~2k output pixels, an
   im2col that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided
   slice and one matmul); the 7x7 stem: "native" (XLA's).
 * Stride-1 layers on small maps that Winograd does not take (odd sides: 3x3 maps at 96 px, 5x5
@@ -130,7 +130,7 @@ class Plan:
     transpose for the input gradient); "dense": one matmul with `dense_operator`; "winograd":
     `winograd_conv` (3x3, stride 1, padding 1 only); "taps": one matmul per kernel tap
     (`taps_conv`, stride 1 only); "phases":
-    stride-phase-split native convolutions (stride 1: native); "chunked": `lax.scan` over
+    stride-phase-split native convolutions (stride 1: native); "chunked": a loop over
     chunks of images, an im2col matmul each."""
     forward: str = "native"
     input_grad: str = "native"
@@ -215,19 +215,31 @@ def _winograd_kernel(kernel: Array) -> list[list[Array]]:
     return [[_combine(_WINOGRAD_G[c], list(rows[a])) for c in range(4)] for a in range(4)]
 
 
+def _image_chunk(x: Array, i: Array, chunk: int) -> Array:
+    """Images i * chunk ... (i + 1) * chunk - 1 of x. The chunked loops slice their operands
+    in place rather than reshaping them to (chunks, chunk, ...): XLA:CPU fuses such a reshape
+    into the operand's producer (BatchNorm, ReLU), which it then computes once per consumer when
+    the forward and a gradient reshape differently (the Winograd and im2col chunks)."""
+    return lax.dynamic_slice_in_dim(x, i * chunk, chunk)
+
+
 def _winograd(x: Array, kernel_tiles: list[list[Array]], contract: int, precision) -> Array:
     """sum over input channels of (B^T d B) * U for every 2x2 output tile, then A^T m A.
     U[a][b] is (Cin, Cout) with contract=0 and (Cout, Cin) with contract=1. Large inputs go
-    through a `lax.map` over chunks of ~WINOGRAD_CHUNK_BYTES, so the transforms and the matmuls
+    through a loop over chunks of ~WINOGRAD_CHUNK_BYTES, so the transforms and the matmuls
     of one chunk stay in cache (the forward and the input gradient; the weight gradient runs
     `_winograd_tiles` on the whole batch)."""
     b, h, w, cin = x.shape
     chunk = _largest_divisor_at_most(b, WINOGRAD_CHUNK_BYTES // (h * w * cin * x.dtype.itemsize))
-    if b // chunk >= WINOGRAD_MIN_CHUNKS:
-        ys = lax.map(lambda xc: _winograd_tiles(xc, kernel_tiles, contract, precision),
-                     x.reshape(b // chunk, chunk, h, w, cin))
-        return ys.reshape((b,) + ys.shape[2:])
-    return _winograd_tiles(x, kernel_tiles, contract, precision)
+    if b // chunk < WINOGRAD_MIN_CHUNKS:
+        return _winograd_tiles(x, kernel_tiles, contract, precision)
+
+    def body(i, y):
+        y_chunk = _winograd_tiles(_image_chunk(x, i, chunk), kernel_tiles, contract, precision)
+        return lax.dynamic_update_slice_in_dim(y, y_chunk, i * chunk, 0)
+
+    cout = kernel_tiles[0][0].shape[1 - contract]
+    return lax.fori_loop(0, b // chunk, body, jnp.zeros((b, h, w, cout), x.dtype))
 
 
 def _winograd_tiles(x: Array, kernel_tiles: list[list[Array]], contract: int,
@@ -401,23 +413,21 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def _weight_grad_chunked(x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
                          precision, chunk_pixels: int) -> Array:
-    """sum over chunks of images of im2col(x_c)^T g_c (a lax.scan), each chunk about
-    chunk_pixels output pixels: the im2col copy of a chunk stays in cache."""
+    """sum over chunks of images of im2col(x_c)^T g_c (a loop), each chunk about chunk_pixels
+    output pixels: the im2col copy of a chunk stays in cache."""
     kh, kw, cin, cout = kernel_shape
     b = x.shape[0]
     ho, wo = g.shape[1:3]
     chunk = _largest_divisor_at_most(b, chunk_pixels // (ho * wo))
-    xs = x.reshape((b // chunk, chunk) + x.shape[1:])
-    gs = g.reshape(b // chunk, chunk * ho * wo, cout)
 
-    def body(acc, xg):
-        xc, gc = xg
-        cols = im2col(xc, (kh, kw), strides, padding).reshape(-1, kh * kw * cin)
-        return acc + _matmul(gc, cols, (0, 0), precision).astype(acc.dtype), None
+    def body(i, acc):
+        cols = im2col(_image_chunk(x, i, chunk), (kh, kw), strides, padding)
+        g_chunk = _image_chunk(g, i, chunk).reshape(-1, cout)
+        return acc + _matmul(g_chunk, cols.reshape(-1, kh * kw * cin), (0, 0),
+                             precision).astype(acc.dtype)
 
     acc = jnp.zeros((cout, kh * kw * cin), jnp.promote_types(x.dtype, jnp.float32))
-    acc, _ = lax.scan(body, acc, (xs, gs))
-    return acc.T.reshape(kernel_shape)
+    return lax.fori_loop(0, b // chunk, body, acc).T.reshape(kernel_shape)
 
 
 def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], strides, padding,
@@ -438,7 +448,7 @@ def _weight_grad(kind: str, x: Array, g: Array, kernel_shape: Sequence[int], str
         _check_taps(strides)
         return jax.vjp(lambda k: taps_conv(x, k, padding, precision), k0)[1](g)[0]
     if kind == "winograd":  # 16 matmuls (tiles^T tiles) in the transformed domain; unchunked:
-        # under jax.vjp, `_winograd`'s lax.map would stack every chunk's tiles as residuals
+        # under jax.vjp, `_winograd`'s loop would keep every chunk's tiles as residuals
         _check_winograd(kernel_shape[:2], strides, padding)
         return jax.vjp(lambda k: _winograd_tiles(x, _winograd_kernel(k), 0, precision),
                        k0)[1](g)[0]
