@@ -12,7 +12,7 @@ with the reference's fields (`images_per_sec` counts source images, each seen in
 GFLOP/s and its fraction of the machine's float32 peak, and peak memory; with --profile, the
 time per step of each kind of XLA op, from a jax.profiler trace. FLOPs: `flops_per_step` is
 XLA's cost analysis of the compiled step (what it executes: Winograd convolutions do fewer
-multiplications, and the body of a loop, such as the chunked weight gradients' loop, is
+multiplications, and the body of a loop, such as a chunk loop of `conv`, is
 counted once);
 `direct_flops_per_step` is XLA's count for the same step with plain nn.Conv (the direct
 method's arithmetic, which PyTorch does), and GFLOP/s and the fraction of peak use it.
