@@ -15,7 +15,7 @@ import time
 from absl import app, flags
 
 from experiments.configs import cpu_demo, paper
-from vi_simsiam_jax import datasets, train
+from vi_simsiam_jax import datasets, loop
 from vi_simsiam_jax import input_pipeline as ip
 
 _DATASET = flags.DEFINE_string("dataset", "imagenette", "Dataset name or folder path.")
@@ -26,8 +26,8 @@ _SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed windows per figure (the best is kept).")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "tf.data threadpool sizes to measure.")
 
-SETTINGS = {"paper": train.crops_config(paper.get_config()),
-            "cpu_demo": train.crops_config(cpu_demo.get_config())}
+SETTINGS = {"paper": loop.crops_config(paper.get_config()),
+            "cpu_demo": loop.crops_config(cpu_demo.get_config())}
 
 
 def images_per_second(examples: datasets.Examples, crops: ip.MultiCropConfig,

@@ -1,5 +1,5 @@
 """ResNet-18's convolution layers, one by one: ms for the forward, the input gradient and the
-weight gradient in each formulation of `vi_simsiam_jax.conv`, against PyTorch's.
+weight gradient in each formulation of `vi_simsiam_jax.cpu.conv`, against PyTorch's.
 
     python -m benchmarks.resnet_layers --image_size=32 --stem=cifar --batch_size=128
 
@@ -18,17 +18,17 @@ import os
 import pathlib
 import time
 
-from benchmarks import peer
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
+launch.configure(__name__)  # first: may restart the process; XLA reads its flags once
 
-import jax  # noqa: E402  (after cpu_setup)
+import jax  # noqa: E402  (after the launcher)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from vi_simsiam_jax import conv  # noqa: E402
+from benchmarks import peer  # noqa: E402
+from vi_simsiam_jax.cpu import conv  # noqa: E402
 
 flags.DEFINE_integer("image_size", 32, "Side of the input images, in pixels.")
 flags.DEFINE_enum("stem", "cifar", ["imagenet", "cifar"], "ResNet-18 stem.")

@@ -39,18 +39,18 @@ import resource
 import statistics
 import time
 
-from benchmarks import peer
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-CPU_SETUP = cpu_setup.configure()  # XLA:CPU flags; must run before JAX initialises its backend.
+CPU_SETUP = launch.configure(__name__)  # first: may restart; XLA reads its flags once
 
-import jax  # noqa: E402  (after cpu_setup)
+import jax  # noqa: E402  (after the launcher)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
-from vi_simsiam_jax import conv as conv_lib  # noqa: E402
-from vi_simsiam_jax import train  # noqa: E402
+from vi_simsiam_jax import train, train_state  # noqa: E402
+from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
 
 flags.DEFINE_enum("method", "vi_simsiam", ["vi_simsiam", "simsiam"], "Loss.")
 flags.DEFINE_integer("image_size", 64, "Side of every view, in pixels.")
@@ -64,7 +64,7 @@ flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) steps; medians over 
 flags.DEFINE_integer("warmup", 3, "Untimed steps of each framework after its first (XLA:CPU's "
                      "heap grows to its peak, with page faults, over the first few steps).")
 flags.DEFINE_enum("conv", "backend", ["backend", "native"] + list(conv_lib.POLICIES),
-                  "Convolution: 'backend' = whatever train.make_model picks; 'native' = nn.Conv; "
+                  "Convolution: 'backend' = whatever train_state.make_model picks; 'native' = nn.Conv; "
                   "'auto'/'im2col' = the CPU formulations of vi_simsiam_jax.conv.")
 flags.DEFINE_string("torch_python", "/tmp/torchref/bin/python" if os.path.exists(
     "/tmp/torchref/bin/python") else "", "Interpreter with torch for the reference; empty: skip.")
@@ -91,7 +91,7 @@ def bench_config():
 
 
 def make_model(config):
-    model = train.make_model(config)
+    model = train_state.make_model(config)
     if FLAGS.conv == "native":
         model = model.clone(conv=conv_lib.nn.Conv)
     elif FLAGS.conv != "backend":
@@ -114,12 +114,12 @@ class JaxStep:
         model = make_model(config)
         devices = jax.local_devices()[:1]
         steps_per_epoch = 1000
-        state = train.create_train_state(jax.random.key(0), config, model, steps_per_epoch)
+        state = train_state.create_train_state(jax.random.key(0), config, model, steps_per_epoch)
         self.state = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None], state), devices[0])
         rng = np.random.default_rng(0)
         self.views = [jax.device_put(rng.standard_normal((1,) + shape, dtype=np.float32),
                                      devices[0])
-                      for shape in train.view_shapes(config, FLAGS.batch_size)]
+                      for shape in train_state.view_shapes(config, FLAGS.batch_size)]
         self.keys = jax.random.split(jax.random.key(1), 1)
         p_step = train.make_p_train_step(model, config, steps_per_epoch)
         start = time.perf_counter()
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> None:
         "impl": "jax", "method": FLAGS.method, "image_size": FLAGS.image_size,
         "batch_size": FLAGS.batch_size, "views": FLAGS.views, "stem": FLAGS.stem,
         "conv": FLAGS.conv, "backend": jax.default_backend(), "jax_version": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "huge_pages": CPU_SETUP["huge_pages"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "huge_pages": CPU_SETUP.get("huge_pages"),
         "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),
         "step_s": round(step_s, 4), "images_per_sec": round(FLAGS.batch_size / step_s, 2),
         "loss": round(loss, 4), "flops_per_step": step.flops,

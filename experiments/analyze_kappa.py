@@ -17,10 +17,9 @@ kappa and the probe's predictions come from the linear probe's predictions file
 forward pass); if it does not exist yet the probe is run first.
 """
 
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
-    cpu_setup.configure()  # reads its flags when JAX starts
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import json
 import os
@@ -28,7 +27,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.kappa_report import analyze
+from vi_simsiam_jax.evaluation.kappa_report import analyze
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),

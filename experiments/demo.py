@@ -8,10 +8,9 @@ the same encoder at its random initialisation, runs the kappa analysis, and writ
 <workdir>/report.json. Rerunning resumes the pretraining and redoes the rest.
 """
 
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
-    cpu_setup.configure()  # reads its flags when JAX starts
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import json
 import os
@@ -20,8 +19,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import kappa_report
-from vi_simsiam_jax import datasets, probe, train
+from vi_simsiam_jax import datasets, loop
+from vi_simsiam_jax.evaluation import kappa_report, linear_probe
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "cpu_demo.py"),
@@ -49,12 +48,12 @@ def main(argv: list[str]) -> None:
     logging.info("Dataset: %s", json.dumps(datasets.summary(builder)))
 
     start = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     timings["pretrain_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    trained = probe.run(workdir, _PROBE_CONFIG.value)
-    baseline = probe.run(workdir, _PROBE_CONFIG.value, random_init=True)
+    trained = linear_probe.run(workdir, _PROBE_CONFIG.value)
+    baseline = linear_probe.run(workdir, _PROBE_CONFIG.value, random_init=True)
     timings["probe_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

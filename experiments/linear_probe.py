@@ -12,18 +12,17 @@ The probe settings are in experiments/configs/probe.py; the dataset, image size 
 from the workdir's config.json.
 """
 
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
-    cpu_setup.configure()  # reads its flags when JAX starts
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from vi_simsiam_jax import probe
+from vi_simsiam_jax.evaluation import linear_probe
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
@@ -50,9 +49,7 @@ def main(argv: list[str]) -> None:
             config.lr_sweep = tuple(float(lr) for lr in _LR_SWEEP.value)
         except ValueError as error:
             raise app.UsageError(f"--lr_sweep must be comma-separated numbers: {error}") from None
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
-    result = probe.run(_WORKDIR.value, config, step=_STEP.value, random_init=_RANDOM_INIT.value,
+    result = linear_probe.run(_WORKDIR.value, config, step=_STEP.value, random_init=_RANDOM_INIT.value,
                        output=_OUTPUT.value)
     summary = {k: result[k] for k in ("step", "random_init", "top1", "top5", "knn_top1",
                                       "learning_rate", "lr_sweep_local_val_top1", "wall_time_s",

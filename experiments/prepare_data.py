@@ -8,6 +8,11 @@ a folder laid out as <path>/train/<class>/<image> (and optionally <path>/val/...
 up in $VI_SIMSIAM_DATASETS (else <repo>/../shared/datasets), else downloaded from fast.ai.
 Unreadable images are skipped; their paths are logged and listed under "skipped_files".
 """
+
+from vi_simsiam_jax import launch
+
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
+
 import json
 
 from absl import app, flags

@@ -11,10 +11,9 @@ Several hosts: start the same command on every host with --coordinator_address=H
 --num_processes=N --process_id=I (or --distributed on TPU pods and SLURM, where JAX finds them).
 """
 
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
-    cpu_setup.configure()  # reads its flags when JAX starts
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import sys
 
@@ -22,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vi_simsiam_jax import train
+from vi_simsiam_jax import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -48,15 +47,12 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # Orbax logs every save step at INFO; keep its warnings only.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "orbax" not in record.pathname)
     initialize_distributed()
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.Preempted as preempted:
+        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except loop.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(128 + 15)
 

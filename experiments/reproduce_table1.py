@@ -10,10 +10,9 @@ dataset also gets the random-init probe (the runs' common initial encoder). Writ
 kNN over training). Rerunning resumes: finished pretraining, probes and kNN points are reused.
 """
 
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
 
-if __name__ == "__main__":  # first: it may restart the process (huge pages), and XLA
-    cpu_setup.configure()  # reads its flags when JAX starts
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import json
 import os
@@ -26,7 +25,8 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vi_simsiam_jax import checkpoints, probe, train  # noqa: E402
+from vi_simsiam_jax import checkpoints, loop  # noqa: E402
+from vi_simsiam_jax.evaluation import linear_probe  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,9 +55,9 @@ def _cached_json(path: str, compute):
 
 
 def _probe(workdir: str, config: ml_collections.ConfigDict, random_init: bool = False) -> dict:
-    path = probe.default_output(workdir, random_init=random_init)
+    path = linear_probe.default_output(workdir, random_init=random_init)
     if not os.path.exists(path):
-        probe.run(workdir, config, random_init=random_init, output=path)
+        linear_probe.run(workdir, config, random_init=random_init, output=path)
     with open(path) as f:
         result = json.load(f)
     return {k: result[k] for k in ("step", "top1", "top5", "knn_top1", "learning_rate")}
@@ -70,7 +70,7 @@ def knn_curve(workdir: str, config: ml_collections.ConfigDict, final: dict) -> l
     manager.close()
 
     def compute(step: int) -> list[float]:
-        return list(probe.knn_accuracy(workdir, config, step))
+        return list(linear_probe.knn_accuracy(workdir, config, step))
 
     curve = [_cached_json(os.path.join(workdir, f"knn_{step}.json"), lambda s=step: compute(s))
              for step in sorted(steps)]
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
             config.dataset, config.method = dataset, method
             workdir = os.path.join(root, f"{os.path.basename(os.path.normpath(dataset))}_{method}")
             logging.info("Pretraining %s on %s in %s", method, dataset, workdir)
-            train.train_and_evaluate(config, workdir)
+            loop.train_and_evaluate(config, workdir)
             results[dataset][method] = _probe(workdir, probe_config)
             runs[dataset][method] = {"metrics": read_metrics(workdir),
                                      "knn": knn_curve(workdir, probe_config,

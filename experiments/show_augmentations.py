@@ -5,6 +5,11 @@ r"""Writes a PNG grid: for a few images, the centre crop then each multi-crop vi
 Views come from `input_pipeline.pretrain_dataset` itself (one host, one device), undone
 from the ImageNet normalisation; the first column is the eval centre crop of the same image.
 """
+
+from vi_simsiam_jax import launch
+
+launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
+
 import pathlib
 
 import matplotlib

@@ -3,10 +3,8 @@
 import pathlib
 import sys
 
-import jax
-
 from tests import tiny_config
-from vi_simsiam_jax import checkpoints, train
+from vi_simsiam_jax import checkpoints, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,7 +27,6 @@ def command(data: tuple[str, str], workdir, *flags: str) -> list[str]:
 def restore(workdir, step: int | None = None):
     """The train state saved in a pretraining workdir (newest checkpoint or `step`)."""
     saved = checkpoints.load_config(str(workdir))
-    abstract = jax.device_get(
-        train.create_train_state(jax.random.key(0), saved, train.make_model(saved), 1))
+    abstract = train_state.abstract_train_state(saved, train_state.make_model(saved))
     manager = checkpoints.manager(str(workdir), read_only=True)
     return checkpoints.restore_latest(manager, abstract, step)

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vi_simsiam_jax import conv as conv_lib
+from vi_simsiam_jax import cpu
+from vi_simsiam_jax.cpu import conv as conv_lib
+from vi_simsiam_jax.cpu import pooling
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -193,11 +195,13 @@ def test_taps_refuses_strided_convolutions():
 
 
 def test_backend_selection():
-    assert conv_lib.conv_for_backend("gpu") is nn.Conv
-    assert conv_lib.conv_for_backend("tpu") is nn.Conv
-    assert conv_lib.conv_for_backend("cpu").func is nn.Conv
-    assert conv_lib.max_pool_for_backend("gpu") is nn.max_pool
-    assert conv_lib.max_pool_for_backend("cpu") is conv_lib.max_pool
+    assert cpu.layers("auto", "gpu") == (nn.Conv, nn.max_pool)
+    assert cpu.layers("auto", "tpu") == (nn.Conv, nn.max_pool)
+    assert cpu.layers("auto", "cpu") == (conv_lib.CpuConv, pooling.max_pool)
+    assert conv_lib.CpuConv.func is nn.Conv
+    assert cpu.layers("xla", "cpu") == (nn.Conv, nn.max_pool)
+    with pytest.raises(ValueError, match="conv must be one of"):
+        cpu.layers("cudnn")
 
 
 @pytest.mark.parametrize("window,strides,padding", [
@@ -211,7 +215,7 @@ def test_max_pool_equals_nn_max_pool(window, strides, padding):
     kx, kg = jax.random.split(jax.random.key(0))
     x = jnp.round(jax.nn.relu(jax.random.normal(kx, (2, 9, 9, 3))) * 2) / 2
     ref = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
-    cpu = lambda x: conv_lib.max_pool(x, window, strides=strides, padding=padding)
+    cpu = lambda x: pooling.max_pool(x, window, strides=strides, padding=padding)
     y_ref, vjp_ref = jax.vjp(ref, x)
     y, vjp = jax.vjp(jax.jit(cpu), x)
     np.testing.assert_array_equal(y, y_ref)
@@ -222,24 +226,24 @@ def test_max_pool_equals_nn_max_pool(window, strides, padding):
 def test_max_pool_propagates_nan():
     x = np.ones((1, 5, 5, 1), np.float32)
     x[0, 1, 1, 0] = np.nan
-    y = conv_lib.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    y = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     y_ref = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
 
 
 def test_training_model_equals_plain_flax_model():
-    """The SiameseNet that train.make_model builds on CPU (CPU convolutions and max-pool) has the
+    """The SiameseNet that train_state.make_model builds on CPU (CPU convolutions and max-pool) has the
     parameter tree of one built from nn.Conv / nn.max_pool, and the same outputs, BN statistics
     and parameter gradients to 1e-5 (imagenet stem at 32 px: strided, 1x1 and 1x1-output convs).
     In float64: through 20 layers with BatchNorm, float32 roundoff alone moves some gradients by
     4e-5 (plain model, batch order reversed)."""
     from tests import tiny_config
-    from vi_simsiam_jax import train
+    from vi_simsiam_jax import train_state
 
     config = tiny_config.get_config()
     config.model.stem = "imagenet"
-    model = train.make_model(config, axis_name=None)
-    assert model.conv is not nn.Conv and model.max_pool is conv_lib.max_pool
+    model = train_state.make_model(config, axis_name=None)
+    assert model.conv is not nn.Conv and model.max_pool is pooling.max_pool
     plain = model.clone(conv=nn.Conv, max_pool=nn.max_pool)
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3), jnp.float32)
     variables = plain.init(jax.random.key(1), x, False)
@@ -258,8 +262,8 @@ def test_training_model_equals_plain_flax_model():
 
 
 _COMPILED_CONV = """
-from vi_simsiam_jax import cpu_setup
-cpu_setup.configure()
+from vi_simsiam_jax import launch
+launch.configure("__main__")
 import jax, jax.numpy as jnp
 conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -269,9 +273,9 @@ print(lowered.compile().as_text())
 
 
 @pytest.mark.parametrize("setup", ["1", "0"])
-def test_cpu_setup_takes_convolutions_from_ynnpack(setup):
-    """cpu_setup's XLA flag leaves convolutions to XLA's (multi-threaded) Eigen convolution
-    instead of a YNNPACK fusion (one thread in jaxlib 0.10.2); without cpu_setup they are in one."""
+def test_cpu_process_takes_convolutions_from_ynnpack(setup):
+    """cpu.process's XLA flag leaves convolutions to XLA's (multi-threaded) Eigen convolution
+    instead of a YNNPACK fusion (one thread in jaxlib 0.10.2); without it they are in one."""
     env = {**os.environ, "VI_SIMSIAM_CPU_SETUP": setup, "JAX_PLATFORMS": "cpu"}
     hlo = subprocess.run([sys.executable, "-c", _COMPILED_CONV], env=env, check=True,
                          capture_output=True, text=True).stdout

@@ -14,14 +14,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.pretrain_utils import REPO, command, config, restore
-from vi_simsiam_jax import checkpoints, train
+from vi_simsiam_jax import checkpoints, loop, train_state
 
 
 @pytest.fixture(scope="module")
 def finished_run(pretrain_data, tmp_path_factory):
     """A 1-epoch tiny run (4 steps, checkpoints at 2 and 4) made in this process."""
     workdir = tmp_path_factory.mktemp("finished_run")
-    train.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+    loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
     return workdir
 
 
@@ -55,8 +55,8 @@ def test_two_processes_match_one_process(pretrain_data, finished_run, tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4),
                      getattr(multi, name), getattr(single, name))
     saved = checkpoints.load_config(str(finished_run))
-    initial = train.create_train_state(jax.random.key(saved.seed), saved,
-                                       train.make_model(saved), 1).params
+    initial = train_state.create_train_state(jax.random.key(saved.seed), saved,
+                                             train_state.make_model(saved), 1).params
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single.params, initial)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the 2 steps changed the parameters
 
@@ -79,7 +79,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(pretrain_data, finishe
     assert int(state.step) == 2
     assert "Checkpoint at step 4" in caplog.text and "unreadable" in caplog.text
     # Training resumes from step 2, keeps the bad files aside and writes step 4 anew.
-    final = train.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+    final = loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
     assert int(final.step) == 4
     assert (workdir / "checkpoints" / "corrupt-4").is_dir()
     reference = restore(finished_run)
@@ -91,7 +91,7 @@ def test_unwritable_workdir_fails_before_training(pretrain_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=f"Workdir {blocker / 'run'} is not writable"):
-        train.train_and_evaluate(config(pretrain_data), str(blocker / "run"))
+        loop.train_and_evaluate(config(pretrain_data), str(blocker / "run"))
 
 
 def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data, finished_run,
@@ -106,7 +106,7 @@ def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data,
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     with pytest.raises(OSError, match="Could not write the step-4 checkpoint.*No space left"):
-        train.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+        loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
     monkeypatch.undo()
     after = restore(workdir)
     assert int(after.step) == 2
@@ -123,7 +123,7 @@ def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data,
 ])
 def test_invalid_config_values_name_the_field(pretrain_data, tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        train.train_and_evaluate(config(pretrain_data, **overrides), str(tmp_path))
+        loop.train_and_evaluate(config(pretrain_data, **overrides), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vi_simsiam_jax import knn
+from vi_simsiam_jax.evaluation import knn
 
 # Four training points on the unit circle; the test point [1, 0] has cosine similarities
 # 1, 0, -1, 0 with them.

@@ -8,6 +8,7 @@ import pytest
 from scipy import special
 
 from vi_simsiam_jax import losses, models
+from vi_simsiam_jax import power_spherical as ps
 
 # Jitted: one small compile per shape instead of one per op (eager); validation runs at trace time.
 _vi_loss = jax.jit(losses.vi_simsiam_loss)
@@ -133,8 +134,8 @@ def test_constant_kappa_reduces_to_cosine_objective(kappa):
     kappas = [jnp.full((4,), kappa, jnp.float32)] * 3
 
     def cosine_objective(m):
-        m = [losses.l2_normalize(a) for a in m]
-        z = [losses.l2_normalize(a) for a in zs[:2]]
+        m = [ps.l2_normalize(a) for a in m]
+        z = [ps.l2_normalize(a) for a in zs[:2]]
         return -kappa * jnp.mean(jnp.stack([jnp.log1p(jnp.sum(m[i] * z[j], -1))
                                             for j in range(2) for i in range(3) if i != j]))
 

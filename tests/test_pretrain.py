@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tests import tiny_config
 from tests.pretrain_utils import REPO, command, config, restore
-from vi_simsiam_jax import input_pipeline, train
+from vi_simsiam_jax import input_pipeline, loop
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     overrides = ["--config.num_epochs=12"]  # 48 steps, checkpoints every 2
@@ -61,7 +61,7 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_p
 
     monkeypatch.setattr(input_pipeline, "pretrain_dataset", poisoned)
     with pytest.raises(FloatingPointError, match=f"at step {nan_step} "):
-        train.train_and_evaluate(config(pretrain_data), str(tmp_path))
+        loop.train_and_evaluate(config(pretrain_data), str(tmp_path))
     state = restore(tmp_path)
     assert int(state.step) == 4  # the newest checkpoint predates the bad step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
@@ -69,8 +69,22 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_p
     assert [json.loads(line)["step"] for line in logged] == [2, 4]
 
 
-def test_run_writes_checkpoints_events_and_metrics(pretrain_data, tmp_path):
-    final = train.train_and_evaluate(config(pretrain_data, num_epochs=1), str(tmp_path))
+def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pretrain_data,
+                                                                             tmp_path):
+    """Four steps, one compilation of the pmapped step (counted as lowerings, which a persistent
+    compilation cache does not skip); then the files a run writes."""
+    lowered = []
+
+    def listener(event, duration, fun_name=None, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" and fun_name == "jit(_fun)":
+            lowered.append(duration)  # the pmapped step (pmap wraps it as "_fun")
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        final = loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(lowered) == 1
     assert int(final.step) == 4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -97,4 +111,4 @@ def test_bad_flags_give_clear_errors(pretrain_data, tmp_path, override, message)
 def test_missing_dataset_names_the_path(tmp_path):
     config = tiny_config.get_config(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        train.train_and_evaluate(config, str(tmp_path / "work"))
+        loop.train_and_evaluate(config, str(tmp_path / "work"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import tiny_config as tiny_config_file
-from vi_simsiam_jax import train
+from vi_simsiam_jax import train, train_state
 
 
 def tiny_config(method: str = "vi_simsiam", target: str = "stopgrad"):
@@ -20,22 +20,24 @@ def tiny_config(method: str = "vi_simsiam", target: str = "stopgrad"):
 def _views(config, batch_size, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.normal(size=shape).astype(np.float32)
-            for shape in train.view_shapes(config, batch_size)]
+            for shape in train_state.view_shapes(config, batch_size)]
 
 
 @functools.cache
 def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad"):
     config = tiny_config(method, target)
-    return train.create_train_state(jax.random.key(0), config, train.make_model(config), 10)
+    return train_state.create_train_state(jax.random.key(0), config,
+                                         train_state.make_model(config), 10)
 
 
 @functools.cache
 def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto"):
     config = tiny_config(method, target)
-    model = train.make_model(config, axis_name=axis_name)
-    step = functools.partial(train.train_step, model=model, config=config,
-                             learning_rate_fn=train.learning_rate_schedule(config, 10))
-    return jax.pmap(step, axis_name=train.AXIS_NAME, devices=jax.local_devices()[:num_devices])
+    model = train_state.make_model(config, axis_name=axis_name)
+    step = functools.partial(train.train_step, model=model, method=method, target=target,
+                             global_crops=config.global_crops, ema_decay=config.ema_decay,
+                             learning_rate_fn=train_state.learning_rate_schedule(config, 10))
+    return jax.pmap(step, axis_name=train_state.AXIS_NAME, devices=jax.local_devices()[:num_devices])
 
 
 def _one_step(method, target, views, num_devices, axis_name="auto"):
@@ -70,13 +72,13 @@ def test_eight_devices_equal_one_device(target):
 def test_single_device_step_without_collectives_equals_synchronised_step(monkeypatch):
     """On one device the model has no axis (no collectives in the step) and the step is the
     same as with the axis; with several devices the axis is kept."""
-    assert train.make_model(tiny_config()).axis_name == train.AXIS_NAME  # 8 devices
+    assert train_state.make_model(tiny_config()).axis_name == train_state.AXIS_NAME  # 8 devices
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert train.data_parallel_axis() is None
-    assert train.make_model(tiny_config()).axis_name is None
+    assert train_state.data_parallel_axis() is None
+    assert train_state.make_model(tiny_config()).axis_name is None
     config = tiny_config()
     views = _views(config, batch_size=16)
-    state_axis, metrics_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train.AXIS_NAME)
+    state_axis, metrics_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train_state.AXIS_NAME)
     state_none, metrics_none = _one_step("vi_simsiam", "stopgrad", views, 1, None)
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
@@ -99,12 +101,12 @@ def test_non_finite_step_leaves_state_unchanged():
 def test_cosine_schedule_and_fixed_predictor_lr():
     config = tiny_config()
     config.num_epochs, config.learning_rate = 2, 0.5
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=5)
+    schedule = train_state.learning_rate_schedule(config, steps_per_epoch=5)
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.5, 0.25, 0.0],
                                atol=1e-7)
     config.fix_predictor_lr, config.weight_decay, config.momentum = True, 0.0, 0.0
     params = {"predictor": jnp.ones(2), "backbone": jnp.ones(2)}
-    tx = train.make_optimizer(config, steps_per_epoch=5)
+    tx = train_state.make_optimizer(config, steps_per_epoch=5)
     opt_state = tx.init(params)
     for _ in range(6):  # the step-5 update uses the decayed rate 0.25 for the backbone
         updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)

@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 CONFIG_FILE = "config.json"
-# Loop settings that may change when a run is resumed; every other field must match.
-_RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+# Settings that may change when a run is resumed (loop settings, and the convolution
+# implementation, which leaves parameters and values unchanged); every other field must match.
+_RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "conv")
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

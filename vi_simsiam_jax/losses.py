@@ -16,27 +16,34 @@ the caller may pass raw projections z (the stop-gradient or EMA target network's
 Everything is computed in float32.
 """
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vi_simsiam_jax import power_spherical
-
-if TYPE_CHECKING:
-    from vi_simsiam_jax.models import SiameseOutput
+from vi_simsiam_jax.power_spherical import l2_normalize
 
 Array = jax.Array
 
-_NORM_EPS = 1e-12
 
+@flax.struct.dataclass
+class SiameseOutput:
+    """One view's outputs of models.SiameseNet, as the losses read them; leading batch dimension B.
 
-def l2_normalize(x: Array, axis: int = -1, eps: float = _NORM_EPS) -> Array:
-    """x / max(|x|, eps) along axis (torch.nn.functional.normalize); finite gradient at x = 0."""
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+    features: (B, 8 * width) backbone features (linear evaluation uses these).
+    z: (B, dim) float32 projection f_phi(x), not normalised (BN output).
+    mu: (B, dim) float32 unit-norm prediction (the mean direction of Eq. 11); None if predict=False.
+    kappa: (B,) float32 concentration (vi_simsiam only; None for simsiam or predict=False).
+    """
+
+    features: Array
+    z: Array
+    mu: Array | None = None
+    kappa: Array | None = None
 
 
 def view_pairs(num_views: int, num_targets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +105,7 @@ def vi_simsiam_loss(mus: Sequence[Array], kappas: Sequence[Array], targets: Sequ
     return jnp.mean(nll), metrics
 
 
-def ssl_loss(method: str, outputs: "Sequence[SiameseOutput]", targets: Sequence[Array]
+def ssl_loss(method: str, outputs: Sequence[SiameseOutput], targets: Sequence[Array]
              ) -> tuple[Array, dict[str, Array]]:
     """Dispatches on method ("simsiam" | "vi_simsiam") using the per-view outputs' mu (and kappa);
     targets as from models.target_projections (global views only)."""

@@ -17,12 +17,12 @@ devices; parameter names and shapes never depend on the device count. Initialise
 import functools
 from typing import Any, Callable, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vi_simsiam_jax.losses import l2_normalize
+from vi_simsiam_jax.losses import SiameseOutput
+from vi_simsiam_jax.power_spherical import l2_normalize
 
 Array = jax.Array
 ModuleDef = Any
@@ -168,22 +168,6 @@ def kappa_from_raw(raw: Array, kappa_map: str = "softplus", kappa_min: float = 1
     if kappa_map == "exp":
         return jnp.exp(raw) + kappa_min
     raise ValueError(f"kappa_map must be one of {KAPPA_MAPS}, got {kappa_map!r}.")
-
-
-@flax.struct.dataclass
-class SiameseOutput:
-    """Per-view outputs; all arrays have leading batch dimension B.
-
-    features: (B, 8 * width) backbone features (linear evaluation uses these).
-    z: (B, dim) float32 projection f_phi(x), not normalised (BN output).
-    mu: (B, dim) float32 unit-norm prediction (the mean direction of Eq. 11); None if predict=False.
-    kappa: (B,) float32 concentration (vi_simsiam only; None for simsiam or predict=False).
-    """
-
-    features: Array
-    z: Array
-    mu: Array | None = None
-    kappa: Array | None = None
 
 
 class SiameseNet(nn.Module):

@@ -3,7 +3,8 @@
     PS(x; mu, kappa) = C(kappa, d) (1 + mu^T x)^kappa                    (paper Eq. 11)
     C(kappa, d)^{-1} = 2^{a+b} pi^b Gamma(a) / Gamma(a + b),  a = (d-1)/2 + kappa, b = (d-1)/2
 
-(De Cao & Aziz 2020). Pure functions: jittable, vmappable and differentiable in mu and kappa.
+(De Cao & Aziz 2020). Pure functions: jittable, vmappable and differentiable in mu and kappa;
+`l2_normalize` projects onto the sphere.
 
 Shapes: mu (..., d) unit vectors, kappa (...) >= 0, x (..., d). The batch dimensions of x and mu
 broadcast like jax.numpy; kappa broadcasts to mu's batch shape but never extends it, so a kappa of
@@ -29,6 +30,13 @@ Array = jax.Array
 
 # Below this argument lgamma/digamma are evaluated directly; above it, Stirling series.
 _STIRLING_MIN = 8.0
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """x / max(|x|, eps) along axis: the projection onto the unit sphere
+    (torch.nn.functional.normalize); finite gradient at x = 0."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _check_shapes(mu: Array, kappa: Array) -> tuple[int, ...]:

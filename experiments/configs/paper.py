@@ -38,6 +38,9 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.model = ml_collections.ConfigDict(dict(
         stem="imagenet", width=64, zero_init_residual=True, proj_hidden_dim=2048, dim=2048,
         pred_dim=512, kappa_map="softplus", kappa_min=1.0))
+    # Convolution and pooling: "auto" (the XLA:CPU plans of vi_simsiam_jax.cpu on the CPU,
+    # XLA's own elsewhere) or "xla" (XLA's own everywhere). Same parameters and values.
+    config.conv = "auto"
 
     # Optimisation.
     config.batch_size = 64  # global, over all devices and hosts

@@ -1,5 +1,5 @@
-"""Process settings that make XLA:CPU fast. Entry points call `configure()` first, before JAX
-starts its backend (XLA_FLAGS are read once, at backend start-up, and XLA's worker threads pick
+"""Process settings that make XLA:CPU fast. `vi_simsiam_jax.launch` calls `configure()` first in
+every entry point, before JAX starts its backend (XLA_FLAGS are read once, at backend start-up, and XLA's worker threads pick
 their malloc arena when they are created).
 
 1. Memory. Every step, XLA:CPU mallocs one block for all of the step's intermediates (0.94 GB
@@ -28,14 +28,18 @@ their malloc arena when they are created).
    YNNPACK, which jaxlib 0.10.2 runs on one thread (a 3x3, 64-channel layer on 32x32 maps, batch
    128: 141 ms forward on two cores, 147 ms on one), and leaves them to XLA's multi-threaded
    Eigen convolution (90 ms); YNNPACK keeps the dots. The VI-SimSiam step on the 2-core machine:
-   3.51 -> 3.07 s at 32 px (cifar stem), 0.97 -> 0.89 s at 64 px. See README, Benchmarks.
+   3.51 -> 3.07 s at 32 px (cifar stem), 0.97 -> 0.89 s at 64 px (benchmarks/README.md).
 
-Nothing is done when JAX_PLATFORMS names an accelerator first, or VI_SIMSIAM_CPU_SETUP=0.
+Nothing is done when JAX will not run on the CPU (`cpu_backend_expected`), or with
+VI_SIMSIAM_CPU_SETUP=0.
 """
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import pathlib
 import sys
 
@@ -56,9 +60,26 @@ _USER_TUNABLES = "_VI_SIMSIAM_USER_GLIBC_TUNABLES"
 _configured = False
 
 
-def _cpu_backend_expected() -> bool:
-    platforms = os.environ.get("JAX_PLATFORMS", os.environ.get("JAX_PLATFORM_NAME", ""))
-    return not platforms or platforms.split(",")[0].strip() == "cpu"
+def accelerator_plugins() -> list[str]:
+    """The installed JAX accelerator backends: PJRT plugins (jax[cuda12], jax[rocm], ... register
+    under the `jax_plugins` entry points or namespace package) and libtpu (jax[tpu])."""
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+    if importlib.util.find_spec("libtpu") is not None:
+        names.append("libtpu")
+    return sorted(set(names))
+
+
+def cpu_backend_expected() -> bool:
+    """Whether JAX will run on the CPU: JAX_PLATFORMS (or JAX_PLATFORM_NAME) names "cpu" first,
+    or, when neither is set, no accelerator backend is installed. Decided without starting
+    JAX's backends (that would read XLA_FLAGS before `configure` sets them)."""
+    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not accelerator_plugins()
 
 
 def tune_malloc() -> bool:
@@ -121,7 +142,7 @@ def configure() -> dict:
     if _configured or os.environ.get("VI_SIMSIAM_CPU_SETUP", "1") == "0":
         return done
     _configured = True
-    if not _cpu_backend_expected():
+    if not cpu_backend_expected():
         return done
     if os.environ.get("VI_SIMSIAM_MALLOC", "1") != "0":
         done["huge_pages"] = huge_pages_for_malloc()

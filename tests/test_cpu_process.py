@@ -1,4 +1,5 @@
-"""cpu_setup's memory settings: a kept heap, in transparent huge pages where possible."""
+"""The launcher and cpu.process: a kept heap, in transparent huge pages where possible, only
+when JAX will run on the CPU."""
 
 import json
 import os
@@ -8,13 +9,14 @@ import sys
 import pytest
 
 from tests import pretrain_utils
-from vi_simsiam_jax import cpu_setup
+from vi_simsiam_jax import launch
+from vi_simsiam_jax.cpu import process
 
 _SCRIPT = """
 import json, os
 print(json.dumps({"pid": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABLES")}), flush=True)
-from vi_simsiam_jax import cpu_setup
-done = cpu_setup.configure()
+from vi_simsiam_jax import launch
+done = launch.configure("__main__")
 import numpy as np
 block = np.ones(2**26, np.float32)  # 256 MiB from malloc
 with open("/proc/self/smaps_rollup") as f:
@@ -44,7 +46,7 @@ def test_restart_with_huge_pages(tmp_path):
     started, *restarted, final = _run(tmp_path, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
     assert final["tunables"] == "glibc.malloc.arena_max=4"
     assert started["pid"] == final["pid"]
-    if cpu_setup._transparent_huge_pages_mode() == "madvise":
+    if process._transparent_huge_pages_mode() == "madvise":
         assert [r["tunables"] for r in restarted] == [
             "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"]
         assert final["done"]["huge_pages"] and final["done"]["malloc"]
@@ -64,3 +66,25 @@ def test_no_restart_when_switched_off(tmp_path, env, kept_heap):
     assert not final["done"]["huge_pages"]
     assert final["done"]["malloc"] == (kept_heap and sys.platform.startswith("linux"))
     assert final["tunables"] == env.get("GLIBC_TUNABLES")
+
+
+@pytest.mark.parametrize("platforms, plugins, expected", [
+    (None, [], True),  # nothing but jaxlib: JAX runs on the CPU
+    (None, ["cuda"], False),  # an accelerator plugin is installed: JAX would pick it
+    ("cpu", ["cuda"], True),  # the user asks for the CPU
+    ("cuda,cpu", [], False),
+])
+def test_cpu_backend_expected_from_installed_backends(monkeypatch, platforms, plugins, expected):
+    monkeypatch.delenv("JAX_PLATFORM_NAME", raising=False)
+    if platforms is None:
+        monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    monkeypatch.setattr(process, "accelerator_plugins", lambda: plugins)
+    assert process.cpu_backend_expected() == expected
+
+
+def test_launcher_leaves_imported_modules_alone(monkeypatch):
+    """Only the program being run is set up; importing an entry point changes nothing."""
+    monkeypatch.setattr(process, "configure", lambda: pytest.fail("configured on import"))
+    assert launch.configure("experiments.pretrain") == {}

@@ -1,6 +1,5 @@
 """The kappa analysis behind experiments.analyze_kappa and experiments.demo: `analyze` computes
-the statistics and writes the figures and JSON described in analyze_kappa. No flags, so any entry
-point can import it."""
+the statistics and writes the figures and JSON described in experiments/analyze_kappa.py."""
 
 import io
 import json
@@ -16,7 +15,8 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vi_simsiam_jax import checkpoints, datasets, kappa_analysis, probe  # noqa: E402
+from vi_simsiam_jax import checkpoints, datasets  # noqa: E402
+from vi_simsiam_jax.evaluation import linear_probe, uncertainty  # noqa: E402
 
 COVERAGES = (1.0, 0.9, 0.75, 0.5)
 
@@ -84,7 +84,7 @@ def plot_loss_surface(cosines: np.ndarray, kappas: np.ndarray, marked: dict[str,
                       dim: int, path: str) -> None:
     """Left: -log PS over cosines (ending at 1) and kappas; right: its rise above the cos = 1
     value for the marked kappas (name -> kappa)."""
-    surface = kappa_analysis.loss_surface(cosines, kappas, dim)
+    surface = uncertainty.loss_surface(cosines, kappas, dim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     vmin, vmax = np.percentile(surface, [1, 95])
     mesh = left.pcolormesh(cosines, kappas, surface, shading="auto", vmin=vmin, vmax=vmax,
@@ -97,7 +97,7 @@ def plot_loss_surface(cosines: np.ndarray, kappas: np.ndarray, marked: dict[str,
     left.set(yscale="log", xlabel="cos($\\mu$, z)", ylabel="$\\kappa$",
              title=f"$-\\log PS(z; \\mu, \\kappa)$, d = {dim} (colour clipped)")
     fig.colorbar(mesh, ax=left)
-    marked_surface = kappa_analysis.loss_surface(cosines, np.array(list(marked.values())), dim)
+    marked_surface = uncertainty.loss_surface(cosines, np.array(list(marked.values())), dim)
     rise = marked_surface - marked_surface[:, -1:]
     for (name, value), curve in zip(marked.items(), rise):
         right.plot(cosines, curve, label=f"{name}: $\\kappa$={value:.3g}")
@@ -133,7 +133,7 @@ def _softmax_max(logits: np.ndarray) -> np.ndarray:
 
 def _accuracy_at_coverages(confidence: np.ndarray, correct: np.ndarray) -> dict[str, float]:
     """{"100%": top-1 on all images, "90%": on the 90% most certain, ...} in percent."""
-    accuracy = kappa_analysis.accuracy_at_coverage(confidence, correct, COVERAGES)
+    accuracy = uncertainty.accuracy_at_coverage(confidence, correct, COVERAGES)
     return {f"{100 * c:g}%": float(100 * a) for c, a in zip(COVERAGES, accuracy)}
 
 
@@ -145,15 +145,16 @@ def _none_if_nan(value: float) -> float | None:
 def analyze(workdir: str, *, step: int | None = None, predictions: str | None = None,
             output_dir: str | None = None, num_images: int = 16,
             probe_config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-    """Writes the four figures and kappa_analysis.json; returns the summary."""
+    """Writes the four figures and uncertainty.json; returns the summary."""
     config = check_vi_simsiam(workdir)
-    predictions = predictions or probe.predictions_path(probe.default_output(workdir, step))
+    predictions = predictions or linear_probe.predictions_path(
+        linear_probe.default_output(workdir, step))
     if not os.path.exists(predictions):
         if probe_config is None:
             raise FileNotFoundError(f"{predictions} not found: run experiments.linear_probe "
                                     f"--workdir={workdir} first.")
         logging.info("%s not found: running the linear probe first.", predictions)
-        probe.run(workdir, probe_config, step=step)
+        linear_probe.run(workdir, probe_config, step=step)
     data = load_predictions(predictions)
     kappa, labels, logits = data["kappa"].astype(np.float64), data["labels"], data["logits"]
     correct = logits.argmax(axis=1) == labels
@@ -189,7 +190,7 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
                   images, files["kappa_extremes"])
     plot_histogram(kappa, lowest[-1]["kappa"], highest[-1]["kappa"], files["kappa_histogram"])
 
-    stats = kappa_analysis.kappa_stats(kappa)
+    stats = uncertainty.kappa_stats(kappa)
     kappa_floor = max(config.model.kappa_min, 1e-2)
     plot_loss_surface(np.linspace(-1.0, 1.0, 201),
                       np.geomspace(kappa_floor, max(2 * stats["max"], 10 * kappa_floor), 60),
@@ -199,7 +200,7 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
 
     confidences = {"kappa": kappa, "max softmax (probe)": max_softmax,
                    "oracle": correct.astype(np.float64)}
-    curves = {name: kappa_analysis.risk_coverage(c, correct) for name, c in confidences.items()}
+    curves = {name: uncertainty.risk_coverage(c, correct) for name, c in confidences.items()}
     plot_risk_coverage(curves, float(correct.mean()), files["risk_coverage"])
 
     summary = {
@@ -208,12 +209,12 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
         "kappa_mean_probe_correct": float(kappa[correct].mean()) if correct.any() else None,
         "kappa_mean_probe_wrong": float(kappa[~correct].mean()) if (~correct).any() else None,
         "probe_top1": float(100 * correct.mean()),
-        "auroc_kappa": _none_if_nan(kappa_analysis.auroc(kappa, correct)),
-        "auroc_max_softmax": _none_if_nan(kappa_analysis.auroc(max_softmax, correct)),
+        "auroc_kappa": _none_if_nan(uncertainty.auroc(kappa, correct)),
+        "auroc_max_softmax": _none_if_nan(uncertainty.auroc(max_softmax, correct)),
         "accuracy_at_coverage": {name: _accuracy_at_coverages(confidences[name], correct)
                                  for name in ("kappa", "max softmax (probe)")},
         "lowest_kappa": lowest, "highest_kappa": highest,
-        "files": {**files, "summary": os.path.join(output_dir, "kappa_analysis.json")},
+        "files": {**files, "summary": os.path.join(output_dir, "uncertainty.json")},
     }
     with open(summary["files"]["summary"], "w") as f:
         json.dump(summary, f, indent=2)

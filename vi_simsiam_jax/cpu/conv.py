@@ -3,11 +3,11 @@ input gradient, weight gradient) in the formulation XLA:CPU runs fastest for the
 The module is nn.Conv itself (with its `conv_general_dilated` hook set), so parameter names,
 shapes, initialisers and auto-names are nn.Conv's: checkpoints do not depend on the backend.
 
-    conv = conv_for_backend()      # CpuConv on CPU, nn.Conv (XLA's native convolutions) elsewhere
+    conv = CpuConv                 # an nn.Conv whose convolutions run the plans below
     conv(64, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), use_bias=False)
 
 What XLA:CPU (jaxlib 0.10.2) does slowly, measured in the ResNet-18 training step (batch 128,
-2-core AMD EPYC), with the XLA flags of `cpu_setup` (convolutions in XLA's multi-threaded Eigen
+2-core AMD EPYC), with the XLA flags of `cpu.process` (convolutions in XLA's multi-threaded Eigen
 convolution, not single-threaded YNNPACK):
 * A 3x3 convolution whose input is smaller than its window (the 2x2 maps of the last stage at
   64 px): the algebraic simplifier swaps its operands into a convolution that runs at ~1 GFLOP/s
@@ -34,7 +34,7 @@ Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imag
 Everything else (the stems, strided forwards, larger odd sides) is XLA's native convolution.
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
-lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`conv_for_backend`).
+lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`vi_simsiam_jax.cpu.layers`).
 """
 
 import dataclasses
@@ -81,14 +81,16 @@ def _is_nhwc_hwio(dimension_numbers: Any) -> bool:
     return tuple(dimension_numbers) == _DN
 
 
-def _explicit_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int],
+def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int],
                       strides: Sequence[int]) -> Padding:
+    """((top, bottom), (left, right)) for lax's "SAME"/"VALID" or explicit padding."""
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(in_hw, kernel_hw, strides, padding)
     return tuple(tuple(int(v) for v in p) for p in padding)
 
 
-def _out_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
+def output_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
+    """(height, width) of a convolution's or pooling's output."""
     return tuple((n + lo + hi - k) // s + 1
                  for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, padding))
 
@@ -104,7 +106,7 @@ def im2col(x: Array, kernel_hw: Sequence[int], strides: Sequence[int], padding: 
     its transpose (the input gradient) is pads and adds, not a convolution."""
     (kh, kw), (sh, sw) = kernel_hw, strides
     b, h, w, c = x.shape
-    ho, wo = _out_hw((h, w), kernel_hw, strides, padding)
+    ho, wo = output_hw((h, w), kernel_hw, strides, padding)
     if any(lo or hi for lo, hi in padding):
         x = lax.pad(x, jnp.zeros((), x.dtype),
                     ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
@@ -146,7 +148,7 @@ def _dense_blocks(kernel_hw, in_hw, strides, padding):
     """For each (input pixel a, b; output pixel r, c) of the dense operator, the kernel tap that
     maps one to the other, or None."""
     (kh, kw), (h, w), (sh, sw), ((ph, _), (pw, _)) = kernel_hw, in_hw, strides, padding
-    ho, wo = _out_hw(in_hw, kernel_hw, strides, padding)
+    ho, wo = output_hw(in_hw, kernel_hw, strides, padding)
     taps = {}
     for a, b, r, c in np.ndindex(h, w, ho, wo):
         i, j = a + ph - r * sh, b + pw - c * sw
@@ -161,7 +163,7 @@ def dense_operator(kernel: Array, in_hw: Sequence[int], strides, padding) -> Arr
     padding rows: 16 against 36 blocks of Cin x Cout for a 3x3 kernel over a 2x2 map."""
     kh, kw, cin, cout = kernel.shape
     h, w = in_hw
-    ho, wo = _out_hw(in_hw, (kh, kw), strides, padding)
+    ho, wo = output_hw(in_hw, (kh, kw), strides, padding)
     taps = _dense_blocks((kh, kw), in_hw, strides, padding)
     zero = jnp.zeros((cin, cout), kernel.dtype)
     return jnp.block([[zero if taps[a, b, r, c] is None else kernel[taps[a, b, r, c]]
@@ -173,7 +175,7 @@ def _dense_weight_grad(d_operator: Array, kernel_shape: Sequence[int], in_hw: Se
                        strides, padding) -> Array:
     """The transpose of `dense_operator`: each tap sums the blocks it fills."""
     kh, kw, cin, cout = kernel_shape
-    ho, wo = _out_hw(in_hw, (kh, kw), strides, padding)
+    ho, wo = output_hw(in_hw, (kh, kw), strides, padding)
     blocks = d_operator.reshape(*in_hw, cin, ho, wo, cout)
     sums = {}
     for (a, b, r, c), tap in _dense_blocks((kh, kw), in_hw, strides, padding).items():
@@ -288,7 +290,7 @@ def _tap_windows(in_hw: Sequence[int], kernel_hw: Sequence[int], padding: Paddin
     """(i, j, input window, output window) for each tap (i, j) of a stride-1 convolution that
     reaches the input; a window is ((row0, row1), (col0, col1))."""
     (h, w), (kh, kw), ((top, _), (left, _)) = in_hw, kernel_hw, padding
-    ho, wo = _out_hw(in_hw, kernel_hw, (1, 1), padding)
+    ho, wo = output_hw(in_hw, kernel_hw, (1, 1), padding)
     windows = []
     for i in range(kh):
         r0, r1 = max(0, top - i), min(ho, h + top - i)
@@ -303,7 +305,7 @@ def _tap_windows(in_hw: Sequence[int], kernel_hw: Sequence[int], padding: Paddin
 def taps_conv(x: Array, kernel: Array, padding: Padding, precision=None) -> Array:
     """Stride-1 NHWC/HWIO convolution as one matmul per kernel tap, each zero-padded into the
     output at its window (its gradients, by jax.vjp, are the same matmuls transposed)."""
-    ho, wo = _out_hw(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
+    ho, wo = output_hw(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
     total = None
     for i, j, (in_rows, in_cols), (rows, cols) in _tap_windows(x.shape[1:3], kernel.shape[:2],
                                                                padding):
@@ -337,7 +339,7 @@ def _forward(kind: str, x: Array, kernel: Array, strides, padding, precision) ->
         return _native(x, kernel, strides, padding, precision)
     if kind == "dense":
         b, h, w, _ = x.shape
-        ho, wo = _out_hw((h, w), kernel.shape[:2], strides, padding)
+        ho, wo = output_hw((h, w), kernel.shape[:2], strides, padding)
         y = _matmul(x.reshape(b, -1), dense_operator(kernel, (h, w), strides, padding), (1, 0),
                     precision)
         return y.reshape(b, ho, wo, kernel.shape[3])
@@ -477,91 +479,6 @@ conv_planned.defvjp(_planned_fwd, _planned_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
-# Max pooling. nn.max_pool's gradient (reduce_window max) compiles on XLA:CPU to a variadic
-# reduce-window that carries four int32 index arrays of the padded input, and a scatter: 1.2 s
-# of a 128 px step. Here: the forward takes the max over the window's strided slices and keeps
-# the (int8) index of the first maximal tap in row-major order, the tap select-and-scatter and
-# torch route the gradient to; the backward adds, per tap, the gradients of the outputs whose
-# maximum it was, as interior-padded (strided) arrays that XLA fuses into one loop.
-
-def _window_slices(xp: Array, window, strides, out_hw):
-    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-    b, _, _, c = xp.shape
-    for i in range(kh):
-        for j in range(kw):
-            yield (i, j), lax.slice(xp, (0, i, j, 0),
-                                    (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                                    (1, sh, sw, 1))
-
-
-def _pad_neg_inf(x: Array, padding: Padding) -> Array:
-    fill = jnp.array(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating)
-                     else jnp.iinfo(x.dtype).min, x.dtype)
-    return lax.pad(x, fill, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-
-
-def _max_pool_with_index(x: Array, window, strides, padding) -> tuple[Array, Array]:
-    xp = _pad_neg_inf(x, padding)
-    out_hw = _out_hw(x.shape[1:3], window, strides, padding)
-    index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
-    best = index = None
-    for tap, (_, value) in enumerate(_window_slices(xp, window, strides, out_hw)):
-        if best is None:
-            best, index = value, jnp.zeros(value.shape, index_dtype)
-        else:
-            better = value > best  # strict: ties keep the first tap
-            best = jnp.maximum(best, value)  # (propagates NaN, as nn.max_pool)
-            index = jnp.where(better, jnp.asarray(tap, index_dtype), index)
-    return best, index
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_nhwc(x: Array, window: tuple[int, int], strides: tuple[int, int],
-                   padding: Padding) -> Array:
-    return _max_pool_with_index(x, window, strides, padding)[0]
-
-
-def _max_pool_fwd(x, window, strides, padding):
-    y, index = _max_pool_with_index(x, window, strides, padding)
-    return y, (index, x.shape[1:3])
-
-
-def _max_pool_bwd(window, strides, padding, residuals, g):
-    index, (h, w) = residuals
-    (pt, pb), (pl, pr) = padding
-    hp, wp = h + pt + pb, w + pl + pr
-    (sh, sw), (ho, wo) = strides, g.shape[1:3]
-    zero = jnp.zeros((), g.dtype)
-    dxp = None
-    for tap in range(window[0] * window[1]):
-        i, j = divmod(tap, window[1])
-        term = lax.pad(jnp.where(index == tap, g, zero), zero, (
-            (0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1),
-            (j, wp - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
-        dxp = term if dxp is None else dxp + term
-    return (dxp[:, pt:hp - pb, pl:wp - pr],)
-
-
-_max_pool_nhwc.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def max_pool(inputs: Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: Any = "VALID") -> Array:
-    """nn.max_pool for NHWC inputs (same arguments and values), with the cheap XLA:CPU gradient
-    above; other ranks and window shapes go to nn.max_pool."""
-    strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
-    if inputs.ndim != 4 or len(window_shape) != 2:
-        return nn.max_pool(inputs, tuple(window_shape), strides, padding)
-    pads = _explicit_padding(padding, inputs.shape[1:3], window_shape, strides)
-    return _max_pool_nhwc(inputs, tuple(window_shape), strides, pads)
-
-
-def max_pool_for_backend(backend: str | None = None) -> Callable[..., Array]:
-    """`max_pool` on CPU, nn.max_pool (XLA's reduce-window) on GPU and TPU."""
-    return max_pool if (backend or jax.default_backend()) == "cpu" else nn.max_pool
-
-
-# ---------------------------------------------------------------------------------------------
 # Selection and the nn.Conv hook.
 
 def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
@@ -572,7 +489,7 @@ def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequen
         return Plan(policy, policy, policy)
     h, w = in_shape[1:3]
     kh, kw = kernel_shape[:2]
-    ho, wo = _out_hw((h, w), (kh, kw), strides, padding)
+    ho, wo = output_hw((h, w), (kh, kw), strides, padding)
     if kh > h or kw > w:  # XLA would swap the operands and run the result very slowly
         return Plan("dense", "dense", "dense")
     if (winograd_applies((kh, kw), strides, padding) and h % 2 == 0 and w % 2 == 0
@@ -613,7 +530,7 @@ def make_conv_general_dilated(policy: str = "auto") -> Callable[..., Array]:
                  and all(d == 1 for d in (rhs_dilation or (1, 1))))
         if plain:
             strides = tuple(int(s) for s in window_strides)
-            pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+            pads = explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
             plan = choose(lhs.shape, rhs.shape, strides, pads, policy)
             return conv_planned(lhs, rhs, strides, pads, precision, plan)
         return lax.conv_general_dilated(
@@ -635,10 +552,3 @@ def cpu_conv(policy: str = "auto") -> Callable[..., nn.Conv]:
 
 
 CpuConv = cpu_conv("auto")
-
-
-def conv_for_backend(backend: str | None = None, policy: str = "auto") -> Callable[..., nn.Conv]:
-    """The convolution module for `backend` (default: jax.default_backend()): CpuConv on CPU,
-    plain nn.Conv (XLA's native convolutions) on GPU and TPU."""
-    backend = backend or jax.default_backend()
-    return cpu_conv(policy) if backend == "cpu" else nn.Conv

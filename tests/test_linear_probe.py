@@ -10,10 +10,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import kappa_report
 from experiments.configs import probe as probe_config
 from tests import fake_archives, tiny_config
-from vi_simsiam_jax import checkpoints, datasets, probe, train
+from vi_simsiam_jax import checkpoints, datasets, train_state
+from vi_simsiam_jax.evaluation import encoder, kappa_report
+from vi_simsiam_jax.evaluation import linear_probe as probe
 
 
 def _config(**overrides):
@@ -38,8 +39,8 @@ def saved(tmp_path_factory):
     workdir = str(root / "work")
     os.makedirs(workdir)
     checkpoints.save_config(workdir, config)
-    state = train.create_train_state(jax.random.key(config.seed), config,
-                                     train.make_model(config, axis_name=None), 1)
+    state = train_state.create_train_state(jax.random.key(config.seed), config,
+                                     train_state.make_model(config, axis_name=None), 1)
     state = state.replace(step=3, params=jax.tree.map(lambda x: x + 0.01, state.params))
     manager = checkpoints.manager(workdir, config)
     manager.save(3, args=ocp.args.StandardSave(state))
@@ -103,8 +104,8 @@ def test_topk_correct_by_hand():
 def test_restore_returns_the_saved_weights(saved):
     workdir, expected = saved
     config = checkpoints.load_config(workdir)
-    variables, step = probe.restore_encoder(workdir, config,
-                                            train.make_model(config, axis_name=None))
+    variables, step = encoder.restore_encoder(workdir, config,
+                                            train_state.make_model(config, axis_name=None))
     assert step == 3
     jax.tree.map(np.testing.assert_array_equal, variables, expected)
 

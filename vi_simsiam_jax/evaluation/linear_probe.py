@@ -20,7 +20,6 @@ it, `<name>_predictions.npz` with the per-example val logits, labels, file names
 VI-SimSiam, the predicted kappa from the same forward pass (read by experiments/analyze_kappa.py).
 """
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -34,189 +33,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tensorflow as tf
 from absl import logging
 from flax.training import train_state
-from orbax.checkpoint import checkpoint_manager as ocp_manager
 
-from vi_simsiam_jax import checkpoints, datasets, input_pipeline, knn, models, train
+from vi_simsiam_jax import datasets, input_pipeline
+from vi_simsiam_jax.evaluation import encoder, knn
 
 Array = jax.Array
-Variables = dict[str, Any]
 MODES = ("cached", "online")
 PREDICTIONS_SUFFIX = "_predictions.npz"
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureSet:
-    """Frozen-encoder outputs, one row per image (or augmented view of one)."""
-
-    features: np.ndarray  # (N, D) float32 pooled backbone features
-    labels: np.ndarray  # (N,) int32
-    index: np.ndarray  # (N,) int32 position of the image in its split's Examples
-    kappa: np.ndarray | None = None  # (N,) VI-SimSiam concentration; None for SimSiam
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, keep: np.ndarray) -> "FeatureSet":
-        return FeatureSet(self.features[keep], self.labels[keep], self.index[keep],
-                          None if self.kappa is None else self.kappa[keep])
-
-
-# ----------------------------------------------------------------------------------------------
-# The encoder: restored, or freshly initialised.
-
-
-def _abstract_train_state(config: ml_collections.ConfigDict, model: models.SiameseNet
-                          ) -> train.TrainState:
-    """Shapes and dtypes of the pretraining TrainState, without computing an initialisation."""
-    return jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), config, model, 1))
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{'params/backbone/conv1/kernel': shape, ...} of a tree of arrays or array metadata."""
-    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_architecture(saved: Any, expected: Any, checkpoint: str, config_path: str) -> None:
-    """Raises ValueError naming the parameters whose presence or shape differ between the trees."""
-    saved, expected = _shapes(saved), _shapes(expected)
-    differences = [f"{name}: checkpoint {saved.get(name, 'missing')}, config "
-                   f"{expected.get(name, 'missing')}"
-                   for name in sorted(saved.keys() | expected.keys())
-                   if saved.get(name) != expected.get(name)]
-    if differences:
-        shown = "; ".join(differences[:6])
-        more = f"; and {len(differences) - 6} more" if len(differences) > 6 else ""
-        raise ValueError(
-            f"Checkpoint {checkpoint} holds another architecture than {config_path} describes "
-            f"({len(differences)} parameters differ: {shown}{more}). Probe the workdir the "
-            "checkpoint was trained in, with its own config.json.")
-
-
-def restore_encoder(workdir: str, config: ml_collections.ConfigDict, model: models.SiameseNet,
-                    step: int | None = None) -> tuple[Variables, int]:
-    """The pretrained {"params", "batch_stats"} at `step` (default: newest readable) and its step.
-
-    Before restoring, the checkpoint's parameter shapes are compared with `model` (built from the
-    workdir's config.json), so a mismatch names the differing parameters.
-    """
-    manager = checkpoints.manager(workdir, read_only=True)
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"No checkpoints in {manager.directory}: pretrain first, or pass --random_init "
-                "to probe the untrained encoder.")
-        abstract = _abstract_train_state(config, model)
-        checked = max(steps) if step is None else step
-        if checked in steps:
-            path = manager.directory / str(checked) / ocp_manager.DEFAULT_ITEM_NAME
-            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
-            check_architecture({"params": saved.get("params", {})},
-                               {"params": abstract.params}, str(path),
-                               os.path.join(workdir, checkpoints.CONFIG_FILE))
-        state = checkpoints.restore_latest(manager, abstract, step)
-    finally:
-        manager.close()
-    return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
-
-
-def init_encoder(config: ml_collections.ConfigDict, model: models.SiameseNet) -> Variables:
-    """The untrained encoder: exactly the pretraining run's initial weights (config.seed)."""
-    state = train.create_train_state(jax.random.key(config.seed), config, model, 1)
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature extraction.
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def encode(model: models.SiameseNet, variables: Variables, images: Array) -> dict[str, Array]:
-    """Inference-mode forward pass of images [..., H, W, 3]: backbone features and, for
-    VI-SimSiam, kappa (None for SimSiam), flattened over the leading (device, batch) axes."""
-    images = images.reshape((-1,) + images.shape[-3:])
-    out = model.apply(variables, images, False, predict=model.method == "vi_simsiam")
-    return {"features": out.features.astype(jnp.float32), "kappa": out.kappa}
-
-
-def _shardings() -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
-    """(batches [local devices, per device, ...] split over this host's devices, replicated)."""
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-def extract_features(model: models.SiameseNet, variables: Variables,
-                     batches: tf.data.Dataset) -> FeatureSet:
-    """Runs the frozen encoder over an input_pipeline dataset; padding rows (mask 0) dropped.
-
-    One batch stays in flight while the next is fetched, so input and compute overlap.
-    """
-    start = time.perf_counter()
-    data, replicated = _shardings()
-    variables = jax.device_put(variables, replicated)
-    rows: dict[str, list[np.ndarray]] = {"features": [], "kappa": [], "labels": [], "index": []}
-
-    def collect(out: dict[str, Array], batch: dict[str, np.ndarray]) -> None:
-        out = jax.device_get(out)
-        keep = batch["mask"].reshape(-1) > 0 if "mask" in batch else slice(None)
-        rows["features"].append(out["features"][keep])
-        if out["kappa"] is not None:
-            rows["kappa"].append(out["kappa"][keep])
-        rows["labels"].append(batch["label"].reshape(-1)[keep])
-        rows["index"].append(batch["index"].reshape(-1)[keep])
-
-    pending = None
-    for batch in batches.as_numpy_iterator():
-        out = encode(model, variables, jax.device_put(batch["image"], data))
-        if pending is not None:
-            collect(*pending)
-        pending = out, batch
-    if pending is None:
-        raise ValueError("The dataset to extract features from is empty.")
-    collect(*pending)
-    features = FeatureSet(np.concatenate(rows["features"]), np.concatenate(rows["labels"]),
-                          np.concatenate(rows["index"]),
-                          np.concatenate(rows["kappa"]) if rows["kappa"] else None)
-    seconds = time.perf_counter() - start
-    logging.info("Extracted %d feature rows in %.1f s (%.1f images/s).", len(features), seconds,
-                 len(features) / seconds)
-    return features
-
-
-def _single_host(**kwargs: Any) -> dict[str, Any]:
-    """Every host reads the whole split (probing is cheap next to pretraining)."""
-    return dict(process_index=0, process_count=1, **kwargs)
-
-
-def centre_crop_features(model: models.SiameseNet, variables: Variables,
-                         examples: datasets.Examples, batch_size: int,
-                         image_size: int) -> FeatureSet:
-    """Features of the resize + centre crop of every example, in order."""
-    dataset = input_pipeline.eval_dataset(
-        examples, **_single_host(batch_size=batch_size, image_size=image_size))
-    return extract_features(model, variables, dataset)
-
-
-def augmented_features(model: models.SiameseNet, variables: Variables,
-                       examples: datasets.Examples, config: ml_collections.ConfigDict,
-                       image_size: int) -> FeatureSet:
-    """Features of config.train_views epochs of random-resized-crop + flip views."""
-    batch_size = config.extract_batch_size
-    num_steps = config.train_views * input_pipeline.steps_per_epoch(len(examples), batch_size)
-    dataset = input_pipeline.probe_train_dataset(
-        examples, **_single_host(batch_size=batch_size, seed=config.seed, image_size=image_size,
-                                 scale=tuple(config.crop_scale), num_steps=num_steps))
-    return extract_features(model, variables, dataset)
-
-
-# ----------------------------------------------------------------------------------------------
-# The linear head.
 
 
 class LinearClassifier(nn.Module):
@@ -331,10 +156,6 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {f"top{k}": float(100.0 * topk_correct(logits, labels, k).mean()) for k in (1, 5)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The whole evaluation.
-
-
 def default_output(workdir: str, step: int | None = None, random_init: bool = False) -> str:
     """workdir/probe[_random_init][_step<N>].json."""
     name = "probe" + ("_random_init" if random_init else "")
@@ -368,36 +189,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{expected}.")
 
 
-def _encoder_and_data(workdir: str, step: int | None, random_init: bool
-                      ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
-                                 datasets.Examples, datasets.Examples]:
-    """(pretraining config, model, encoder variables, their step, train and val examples)."""
-    pretrain_config = checkpoints.load_config(workdir)
-    model = train.make_model(pretrain_config, axis_name=None)
-    if random_init:
-        variables, step = init_encoder(pretrain_config, model), 0
-    else:
-        variables, step = restore_encoder(workdir, pretrain_config, model, step)
-    builder = datasets.prepare(pretrain_config.dataset, data_dir=pretrain_config.data_dir or None,
-                               archive=pretrain_config.archive or None)
-    return (pretrain_config, model, variables, step, datasets.load_examples(builder, "train"),
-            datasets.load_examples(builder, "val"))
-
-
 def knn_accuracy(workdir: str, config: ml_collections.ConfigDict, step: int | None = None
                  ) -> tuple[int, float]:
     """(step, kNN top-1 on val) of the checkpoint at `step` (default: newest), on centre-crop
     features, with run()'s kNN settings: the cheap monitor for training curves."""
-    pretrain_config, model, variables, step, train_examples, val_examples = _encoder_and_data(
+    pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
         workdir, step, random_init=False)
-    centre = functools.partial(centre_crop_features, model, variables,
+    centre = functools.partial(encoder.centre_crop_features, model, variables,
                                batch_size=config.extract_batch_size,
                                image_size=config.image_size or pretrain_config.global_size)
     train_rows, val = centre(train_examples), centre(val_examples)
     return step, _knn_top1(train_rows, val, len(train_examples.label_names), config)
 
 
-def _knn_top1(train_rows: FeatureSet, val: FeatureSet, num_classes: int,
+def _knn_top1(train_rows: encoder.FeatureSet, val: encoder.FeatureSet, num_classes: int,
               config: ml_collections.ConfigDict) -> float:
     return knn.knn_top1(train_rows.features, train_rows.labels, val.features, val.labels,
                         num_classes=num_classes, k=config.knn_k,
@@ -416,7 +221,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     start = time.perf_counter()
     validate_config(config)
     output = output or default_output(workdir, step, random_init)
-    pretrain_config, model, variables, step, train_examples, val_examples = _encoder_and_data(
+    pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
         workdir, step, random_init)
     image_size = config.image_size or pretrain_config.global_size
     num_classes = len(train_examples.label_names)
@@ -424,12 +229,12 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     times = {"setup": time.perf_counter() - start}
 
     tic = time.perf_counter()
-    centre = functools.partial(centre_crop_features, model, variables,
+    centre = functools.partial(encoder.centre_crop_features, model, variables,
                                batch_size=config.extract_batch_size, image_size=image_size)
     val = centre(val_examples)
     train_centre = centre(train_examples) if config.mode == "cached" else None
     if config.mode == "cached":
-        train_rows = (augmented_features(model, variables, train_examples, config, image_size)
+        train_rows = (encoder.augmented_features(model, variables, train_examples, config, image_size)
                       if config.train_views else train_centre)
         local_val_rows = train_centre.subset(local_val[train_centre.index])
     else:
@@ -449,14 +254,10 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
             batches = cached_batches(rows.features, rows.labels, batch_size, config.seed)
         else:
             dataset = input_pipeline.probe_train_dataset(
-                train_examples.subset(keep), **_single_host(
+                train_examples.subset(keep), **encoder.single_host(
                     batch_size=batch_size, seed=config.seed, image_size=image_size,
                     scale=tuple(config.crop_scale), num_steps=num_steps))
-            data, replicated = _shardings()
-            placed = jax.device_put(variables, replicated)
-            batches = ((jax.device_get(encode(model, placed, jax.device_put(b["image"], data))
-                                       ["features"]), b["label"].reshape(-1))
-                       for b in dataset.as_numpy_iterator())
+            batches = encoder.stream_features(model, variables, dataset)
         return fit_linear_head(batches, num_steps, feature_dim, num_classes, learning_rate,
                                config)
 
@@ -492,7 +293,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     return result
 
 
-def _save(result: dict[str, Any], val: FeatureSet, val_examples: datasets.Examples,
+def _save(result: dict[str, Any], val: encoder.FeatureSet, val_examples: datasets.Examples,
           logits: np.ndarray) -> None:
     """Writes the JSON result and the per-example predictions .npz (atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(result["output"])), exist_ok=True)

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vi_simsiam_jax.losses import l2_normalize
+from vi_simsiam_jax.power_spherical import l2_normalize
 
 Array = jax.Array
 
