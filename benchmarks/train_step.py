@@ -25,6 +25,17 @@ both are timed step by step in the same stretches). `step_s` and `torch_step_s` 
 the medians of the single-step times, and the ratio is theirs.
 One difference in semantics: the JAX step concatenates same-size views into one batch, so
 BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
+
+A pretraining config instead of the reference's shapes, and the real loop on it:
+
+    python -m benchmarks.train_step --config=experiments/configs/cpu_demo.py --loop_epochs=1
+
+times the step on that config's views (global and local crops, its model and batch; no
+PyTorch peer, whose script has one crop size), then, with --loop_epochs, runs
+`loop.train_and_evaluate` on the config's dataset for that many epochs in a temporary workdir
+(input pipeline, metrics, checkpoints: everything `experiments.pretrain` does). `loop_step_s`
+is the loop's time per step after its first log interval (which holds the compilation), from
+its metrics.jsonl; `loop_fraction_of_step` = step_s / loop_step_s.
 """
 
 import collections
@@ -34,9 +45,9 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 import resource
 import statistics
+import tempfile
 import time
 
 from vi_simsiam_jax import launch
@@ -44,14 +55,21 @@ from vi_simsiam_jax import launch
 CPU_SETUP = launch.configure(__name__)  # first: may restart; XLA reads its flags once
 
 import jax  # noqa: E402  (after the launcher)
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
-from vi_simsiam_jax import train, train_state  # noqa: E402
+from vi_simsiam_jax import loop, train, train_state  # noqa: E402
 from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A pretraining config to time instead of the reference's shapes (the flags "
+    "method ... stem are then unused, and there is no PyTorch peer).", lock_config=False)
+flags.DEFINE_integer("loop_epochs", 0, "With --config: also time the real pretraining loop for "
+                     "this many epochs (0: the step only).")
 flags.DEFINE_enum("method", "vi_simsiam", ["vi_simsiam", "simsiam"], "Loss.")
 flags.DEFINE_integer("image_size", 64, "Side of every view, in pixels.")
 flags.DEFINE_integer("batch_size", 64, "Source images per step (each is seen in every view).")
@@ -80,7 +98,9 @@ FLAGS = flags.FLAGS
 
 
 def bench_config():
-    """paper.py with the reference's shapes: `views` global crops, no local crops."""
+    """--config, or paper.py with the reference's shapes: `views` global crops, no local crops."""
+    if _CONFIG.value is not None:
+        return _CONFIG.value
     config = paper.get_config(f"imagenette,{FLAGS.method}")
     config.global_crops, config.local_crops = FLAGS.views, 0
     config.global_size = FLAGS.image_size
@@ -109,8 +129,7 @@ def _cost(compiled) -> float:
 class JaxStep:
     """The compiled, pmapped train step on one device, with its state and synthetic views."""
 
-    def __init__(self):
-        config = bench_config()
+    def __init__(self, config):
         model = make_model(config)
         devices = jax.local_devices()[:1]
         steps_per_epoch = 1000
@@ -119,7 +138,7 @@ class JaxStep:
         rng = np.random.default_rng(0)
         self.views = [jax.device_put(rng.standard_normal((1,) + shape, dtype=np.float32),
                                      devices[0])
-                      for shape in train_state.view_shapes(config, FLAGS.batch_size)]
+                      for shape in train_state.view_shapes(config, config.batch_size)]
         self.keys = jax.random.split(jax.random.key(1), 1)
         p_step = train.make_p_train_step(model, config, steps_per_epoch)
         start = time.perf_counter()
@@ -170,9 +189,28 @@ def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float
     return {name: round(us / 1e3 / steps, 1) for name, us in totals.most_common(top)}
 
 
+def loop_step_s(config, epochs: int) -> dict[str, float]:
+    """Seconds per step of `loop.train_and_evaluate` on config for `epochs` epochs, after its
+    first log interval, and the whole run's wall time."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.num_epochs = epochs
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        loop.train_and_evaluate(config, workdir)
+        wall_s = time.perf_counter() - start
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    if len(records) < 2:
+        raise ValueError("--loop_epochs gives fewer than two log intervals; log more often.")
+    steps = [b["step"] - a["step"] for a, b in zip(records, records[1:])]
+    seconds = sum(n * config.batch_size / r["images_per_sec"] for n, r in zip(steps, records[1:]))
+    return {"loop_step_s": round(seconds / sum(steps), 4), "loop_steps": records[-1]["step"],
+            "loop_wall_s": round(wall_s, 1)}
+
+
 def torch_peer() -> peer.Server | None:
     """benchmarks/torch_train_step.py on the reference, with this benchmark's shapes."""
-    if not FLAGS.torch_python:
+    if not FLAGS.torch_python or _CONFIG.value is not None:
         return None
     command = [FLAGS.torch_python, str(pathlib.Path(__file__).with_name("torch_train_step.py")),
                FLAGS.torch_script, f"--method={FLAGS.method}",
@@ -186,7 +224,8 @@ def torch_peer() -> peer.Server | None:
 
 def main(argv: list[str]) -> None:
     del argv
-    step = JaxStep()
+    config = bench_config()
+    step = JaxStep(config)
     reference = torch_peer()
     step.time_steps(FLAGS.warmup)
     if reference:
@@ -203,13 +242,14 @@ def main(argv: list[str]) -> None:
         reference.close()
     step_s = statistics.median(jax_times)
     gflops = step.direct_flops / step_s / 1e9
+    views = train_state.view_shapes(config, config.batch_size)
     result = {
-        "impl": "jax", "method": FLAGS.method, "image_size": FLAGS.image_size,
-        "batch_size": FLAGS.batch_size, "views": FLAGS.views, "stem": FLAGS.stem,
+        "impl": "jax", "method": config.method, "view_sizes": [v[1] for v in views],
+        "batch_size": config.batch_size, "stem": config.model.stem,
         "conv": FLAGS.conv, "backend": jax.default_backend(), "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "huge_pages": CPU_SETUP.get("huge_pages"),
         "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),
-        "step_s": round(step_s, 4), "images_per_sec": round(FLAGS.batch_size / step_s, 2),
+        "step_s": round(step_s, 4), "images_per_sec": round(config.batch_size / step_s, 2),
         "loss": round(loss, 4), "flops_per_step": step.flops,
         "direct_flops_per_step": step.direct_flops, "gflops_per_sec": round(gflops, 1),
         "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
@@ -220,6 +260,11 @@ def main(argv: list[str]) -> None:
     }
     if FLAGS.profile:
         result["op_ms_per_step"] = op_time_by_kind(step, FLAGS.steps)
+    if FLAGS.loop_epochs:
+        if _CONFIG.value is None:
+            raise app.UsageError("--loop_epochs needs --config (the loop reads its dataset).")
+        result.update(loop_step_s(config, FLAGS.loop_epochs))
+        result["loop_fraction_of_step"] = round(step_s / result["loop_step_s"], 3)
     if torch_times:
         torch_step_s = statistics.median(torch_times)
         result.update(torch_first_step_s=reference.ready["first_step_s"],

@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vi_simsiam_jax import cpu
 from vi_simsiam_jax.cpu import conv as conv_lib
-from vi_simsiam_jax.cpu import pooling
+from vi_simsiam_jax.cpu import layers, pooling
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -195,13 +194,13 @@ def test_taps_refuses_strided_convolutions():
 
 
 def test_backend_selection():
-    assert cpu.layers("auto", "gpu") == (nn.Conv, nn.max_pool)
-    assert cpu.layers("auto", "tpu") == (nn.Conv, nn.max_pool)
-    assert cpu.layers("auto", "cpu") == (conv_lib.CpuConv, pooling.max_pool)
+    assert layers.select("auto", "gpu") == (nn.Conv, nn.max_pool)
+    assert layers.select("auto", "tpu") == (nn.Conv, nn.max_pool)
+    assert layers.select("auto", "cpu") == (conv_lib.CpuConv, pooling.max_pool)
     assert conv_lib.CpuConv.func is nn.Conv
-    assert cpu.layers("xla", "cpu") == (nn.Conv, nn.max_pool)
+    assert layers.select("xla", "cpu") == (nn.Conv, nn.max_pool)
     with pytest.raises(ValueError, match="conv must be one of"):
-        cpu.layers("cudnn")
+        layers.select("cudnn")
 
 
 @pytest.mark.parametrize("window,strides,padding", [

@@ -19,7 +19,8 @@ import tqdm
 from absl import logging
 from flax import jax_utils
 
-from vi_simsiam_jax import checkpoints, cpu, datasets, input_pipeline, models, train
+from vi_simsiam_jax import checkpoints, datasets, input_pipeline, models, train
+from vi_simsiam_jax.cpu import layers
 from vi_simsiam_jax.train_state import AXIS_NAME, TrainState, create_train_state, make_model
 
 
@@ -32,7 +33,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         ("model.kappa_map", config.model.kappa_map in models.KAPPA_MAPS,
          f"one of {models.KAPPA_MAPS}"),
         ("model.kappa_min", config.model.kappa_min >= 0, ">= 0"),
-        ("conv", config.get("conv", "auto") in cpu.LAYER_CHOICES, f"one of {cpu.LAYER_CHOICES}"),
+        ("conv", config.get("conv", "auto") in layers.LAYER_CHOICES,
+         f"one of {layers.LAYER_CHOICES}"),
         ("learning_rate", config.learning_rate > 0, "positive"),
         ("weight_decay", config.weight_decay >= 0, ">= 0"),
         ("momentum", 0 <= config.momentum < 1, "in [0, 1)"),

@@ -11,7 +11,8 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from vi_simsiam_jax import cpu, models
+from vi_simsiam_jax import models
+from vi_simsiam_jax.cpu import layers
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
 Array = jax.Array
@@ -35,10 +36,10 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
                ) -> models.SiameseNet:
     """The SiameseNet described by config.method and config.model; its BatchNorms synchronise
     over `axis_name` ("auto": `data_parallel_axis()`; None: per-device statistics). Convolution
-    and pooling come from `cpu.layers(config.conv)` (same parameters on every backend)."""
+    and pooling come from `cpu.layers.select(config.conv)` (same parameters on every backend)."""
     if axis_name == "auto":
         axis_name = data_parallel_axis()
-    conv, max_pool = cpu.layers(config.get("conv", "auto"))
+    conv, max_pool = layers.select(config.get("conv", "auto"))
     return models.SiameseNet(method=config.method, axis_name=axis_name, conv=conv,
                              max_pool=max_pool, **config.model)
 
