@@ -1,5 +1,6 @@
 """Shared helpers for tests that run pretraining: commands, configs and checkpoint restores."""
 
+import os
 import pathlib
 import sys
 
@@ -7,6 +8,10 @@ from tests import tiny_config
 from vi_simsiam_jax import checkpoints, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Training subprocesses (entry points, signals, resumes) run on one CPU device, the multi-device
+# step being tested in-process, and all with the tiny config's 2 epochs: one program, which the
+# persistent compilation cache (conftest.py) compiles once for all of them.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 def config(data: tuple[str, str], **overrides):

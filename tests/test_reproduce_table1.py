@@ -16,8 +16,8 @@ def _run(pretrain_data, workdir):
                f"--config.data_dir={data_dir}", "--config.keep_checkpoints=10",
                f"--datasets={folder}", "--probe_config.num_epochs=2",
                "--probe_config.lr_sweep=0.4,1.6", "--probe_config.knn_k=5"]
-    completed = subprocess.run(command, cwd=pretrain_utils.REPO, capture_output=True, text=True,
-                               timeout=900)
+    completed = subprocess.run(command, cwd=pretrain_utils.REPO, env=pretrain_utils.ENV,
+                               capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
 
