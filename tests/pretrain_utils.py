@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Training subprocesses (entry points, signals, resumes) run on one CPU device, the multi-device
 # step being tested in-process, and all with the tiny config's 2 epochs: one program, which the
 # persistent compilation cache (conftest.py) compiles once for all of them.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(
+    "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=1")}
 
 
 def config(data: tuple[str, str], **overrides):

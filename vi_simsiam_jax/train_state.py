@@ -27,8 +27,8 @@ class TrainState(train_state.TrainState):
 
 def data_parallel_axis() -> str | None:
     """AXIS_NAME when the step spans more than one device (on any host), else None: on a single
-    device there is nothing to synchronise, and XLA:CPU would still run every collective
-    (26 all-reduces, ~0.1 s of a 1 s step at 64 px)."""
+    device there is nothing to synchronise, and a model without an axis has no collectives for
+    XLA to run (benchmarks/README.md)."""
     return AXIS_NAME if jax.device_count() > 1 else None
 
 
