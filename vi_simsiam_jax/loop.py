@@ -64,6 +64,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def crops_config(config: ml_collections.ConfigDict) -> input_pipeline.MultiCropConfig:
+    """The multi-crop views a pretraining config asks for."""
     return input_pipeline.MultiCropConfig(
         n_global=config.global_crops, global_size=config.global_size,
         global_scale=tuple(config.global_scale), n_local=config.local_crops,
