@@ -30,8 +30,8 @@ their malloc arena when they are created).
    Eigen convolution (90 ms); YNNPACK keeps the dots. The VI-SimSiam step on the 2-core machine:
    3.51 -> 3.07 s at 32 px (cifar stem), 0.97 -> 0.89 s at 64 px (benchmarks/README.md).
 
-Nothing is done when JAX will not run on the CPU (`cpu_backend_expected`), or with
-VI_SIMSIAM_CPU_SETUP=0.
+The launcher applies them only when JAX will run on the CPU (`cpu_backend_expected`); nothing
+is done with VI_SIMSIAM_CPU_SETUP=0.
 """
 
 import ctypes
@@ -142,8 +142,6 @@ def configure() -> dict:
     if _configured or os.environ.get("VI_SIMSIAM_CPU_SETUP", "1") == "0":
         return done
     _configured = True
-    if not cpu_backend_expected():
-        return done
     if os.environ.get("VI_SIMSIAM_MALLOC", "1") != "0":
         done["huge_pages"] = huge_pages_for_malloc()
         done["malloc"] = tune_malloc()
