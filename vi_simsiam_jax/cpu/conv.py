@@ -82,7 +82,7 @@ def _is_nhwc_hwio(dimension_numbers: Any) -> bool:
 
 
 def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_hw: Sequence[int],
-                      strides: Sequence[int]) -> Padding:
+                     strides: Sequence[int]) -> Padding:
     """((top, bottom), (left, right)) for lax's "SAME"/"VALID" or explicit padding."""
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(in_hw, kernel_hw, strides, padding)

@@ -183,13 +183,13 @@ def augmented_features(model: models.SiameseNet, variables: Variables,
     num_steps = config.train_views * input_pipeline.steps_per_epoch(len(examples), batch_size)
     dataset = input_pipeline.probe_train_dataset(
         examples, **single_host(batch_size=batch_size, seed=config.seed, image_size=image_size,
-                                 scale=tuple(config.crop_scale), num_steps=num_steps))
+                                scale=tuple(config.crop_scale), num_steps=num_steps))
     return extract_features(model, variables, dataset)
 
 
 def load(workdir: str, step: int | None, random_init: bool
-                      ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
-                                 datasets.Examples, datasets.Examples]:
+         ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
+                    datasets.Examples, datasets.Examples]:
     """The frozen encoder of a pretraining workdir and its data: (pretraining config, model,
     encoder variables, their step, train and val examples). step: checkpoint step (default:
     newest); random_init: the run's initial weights instead."""
