@@ -82,8 +82,9 @@ flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) steps; medians over 
 flags.DEFINE_integer("warmup", 3, "Untimed steps of each framework after its first (XLA:CPU's "
                      "heap grows to its peak, with page faults, over the first few steps).")
 flags.DEFINE_enum("conv", "backend", ["backend", "native"] + list(conv_lib.POLICIES),
-                  "Convolution: 'backend' = whatever train_state.make_model picks; 'native' = nn.Conv; "
-                  "'auto'/'im2col' = the CPU formulations of vi_simsiam_jax.conv.")
+                  "Convolution: 'backend' = whatever train_state.make_model picks; "
+                  "'native' = nn.Conv; 'auto'/'im2col' = the CPU formulations of "
+                  "vi_simsiam_jax.cpu.conv.")
 flags.DEFINE_string("torch_python", "/tmp/torchref/bin/python" if os.path.exists(
     "/tmp/torchref/bin/python") else "", "Interpreter with torch for the reference; empty: skip.")
 flags.DEFINE_string("torch_script", str(pathlib.Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # step being tested in-process, and all with the tiny config's 2 epochs: one program, which the
 # persistent compilation cache (conftest.py) compiles once for all of them. They test what the
 # entry points do, not float32 roundoff, so XLA compiles them at backend optimisation level 0
-# (the tiny step: 10 s instead of 15 s, and as fast).
+# (faster to compile, and the tiny step runs as fast).
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
                                   "--xla_backend_optimization_level=0"}
 

@@ -231,8 +231,8 @@ def test_max_pool_propagates_nan():
 
 
 def test_training_model_equals_plain_flax_model():
-    """The SiameseNet that train_state.make_model builds on CPU (CPU convolutions and max-pool) has the
-    parameter tree of one built from nn.Conv / nn.max_pool, and the same outputs, BN statistics
+    """The SiameseNet that train_state.make_model builds on CPU (CPU convolutions and max-pool) has
+    the parameter tree of one built from nn.Conv / nn.max_pool, and the same outputs, BN statistics
     and parameter gradients to 1e-5 (imagenet stem at 32 px: strided, 1x1 and 1x1-output convs).
     In float64: through 20 layers with BatchNorm, float32 roundoff alone moves some gradients by
     4e-5 (plain model, batch order reversed)."""

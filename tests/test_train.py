@@ -37,7 +37,8 @@ def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | N
     step = functools.partial(train.train_step, model=model, method=method, target=target,
                              global_crops=config.global_crops, ema_decay=config.ema_decay,
                              learning_rate_fn=train_state.learning_rate_schedule(config, 10))
-    return jax.pmap(step, axis_name=train_state.AXIS_NAME, devices=jax.local_devices()[:num_devices])
+    return jax.pmap(step, axis_name=train_state.AXIS_NAME,
+                    devices=jax.local_devices()[:num_devices])
 
 
 def _one_step(method, target, views, num_devices, axis_name="auto"):

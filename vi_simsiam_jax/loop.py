@@ -183,8 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  steps_per_epoch)
 
     # An endless stream, of which the loop takes what it needs: at the end of a finite one,
-    # tf.data spends seconds to a minute of CPU (measured on ImageNette: 7 s alone, 60 s beside
-    # the step) before it reports that the stream is over.
+    # tf.data spends seconds of CPU before it reports that the stream is over (the last step of
+    # a demo-config epoch took a minute: benchmarks.train_step --loop_epochs=1).
     batches = input_pipeline.pretrain_dataset(
         examples, batch_size=config.batch_size, seed=config.seed, crops=crops_config(config),
         start_step=start_step)

@@ -1,6 +1,6 @@
 """Process settings that make XLA:CPU fast. `vi_simsiam_jax.launch` calls `configure()` first in
-every entry point, before JAX starts its backend (XLA_FLAGS are read once, at backend start-up, and XLA's worker threads pick
-their malloc arena when they are created).
+every entry point, before JAX starts its backend (XLA_FLAGS are read once, at backend start-up,
+and XLA's worker threads pick their malloc arena when they are created).
 
 1. Memory. Every step, XLA:CPU mallocs one block for all of the step's intermediates (0.94 GB
    for the ResNet-18 step at 96 px, batch 2 x 64) and frees it when the step is done. glibc
@@ -39,8 +39,8 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
-import pkgutil
 import pathlib
+import pkgutil
 import sys
 
 CPU_XLA_FLAGS: tuple[str, ...] = (

@@ -234,7 +234,8 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     val = centre(val_examples)
     train_centre = centre(train_examples) if config.mode == "cached" else None
     if config.mode == "cached":
-        train_rows = (encoder.augmented_features(model, variables, train_examples, config, image_size)
+        train_rows = (encoder.augmented_features(model, variables, train_examples, config,
+                                                 image_size)
                       if config.train_views else train_centre)
         local_val_rows = train_centre.subset(local_val[train_centre.index])
     else:
