@@ -4,9 +4,9 @@
 
 Settings: the crops of experiments/configs/paper.py ("paper": 2x128 global + 4x64 local, SwAV's
 recipe scaled to the 160 px images) and of cpu_demo.py (2x64 + 2x32). Batches of --batch_size
-(paper: 64) on one device. The thread count is the tf.data private threadpool size (intra-op parallelism 1). Prints
-one JSON line; images/s counts source images (each yields all its views), best of
---repeats windows.
+(paper: 64) on one device. The thread count is the tf.data private threadpool size (intra-op
+parallelism 1). Prints one JSON line; images/s counts source images (each yields all its
+views), best of --repeats windows.
 """
 import json
 import os
