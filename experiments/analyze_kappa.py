@@ -9,7 +9,7 @@ Over the validation split, writes to --output_dir (default workdir/kappa_analysi
 - loss_surface.png: -log PS(z; mu, kappa) over cos(mu, z) and kappa at the model's dim (Fig. 3);
 - risk_coverage.png: probe accuracy as the least certain images are set aside, ordered by kappa,
   by the probe's max softmax probability, and by an oracle;
-- kappa_analysis.json: kappa statistics, AUROC of kappa for "the probe is right", accuracy at
+- uncertainty.json: kappa statistics, AUROC of kappa for "the probe is right", accuracy at
   coverages 100/90/75/50%, the extreme images, the paths above.
 
 kappa and the probe's predictions come from the linear probe's predictions file

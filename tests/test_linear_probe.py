@@ -1,5 +1,5 @@
 """Linear probe: the head on synthetic features, top-k, restore and its errors, and the whole
-evaluation (cached, online, random init) plus the kappa analysis on a tiny checkpoint."""
+evaluation (cached, online, random init) plus the kappa and OOD analyses on a tiny checkpoint."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 from experiments.configs import probe as probe_config
 from tests import fake_archives, tiny_config
 from vi_simsiam_jax import checkpoints, datasets, train_state
-from vi_simsiam_jax.evaluation import encoder, kappa_report
+from vi_simsiam_jax.evaluation import encoder, kappa_report, ood_report
 from vi_simsiam_jax.evaluation import linear_probe as probe
 
 
@@ -152,6 +152,51 @@ def test_analyze_kappa_reads_the_probe_predictions(saved, result, tmp_path):
     assert summary["num_val"] == 16 and len(summary["lowest_kappa"]) == 4
     assert summary["lowest_kappa"][0]["kappa"] <= summary["highest_kappa"][0]["kappa"]
     assert summary["accuracy_at_coverage"]["kappa"]["100%"] == pytest.approx(result["top1"])
+
+
+def test_ood_analysis_writes_figures_and_json(saved, result, tmp_path):
+    workdir, _ = saved
+    ood = tmp_path / "other"
+    fake_archives.make_folder(ood, ["x", "y"], n_train=2, n_val=6, size=24, extras=False,
+                              seed=5)
+    summary = ood_report.analyze(workdir, ood_dataset=str(ood), corruptions=("contrast",),
+                                 severities=(1, 5), output_dir=str(tmp_path / "out"),
+                                 batch_size=8)
+    for path in summary["files"].values():
+        assert os.path.getsize(path) > 0
+    with open(summary["files"]["summary"]) as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    # The head restored from the predictions file reproduces the probe's val top-1.
+    assert summary["clean"]["top1"] == pytest.approx(result["top1"])
+    assert summary["scores"] == list(ood_report.SCORES)
+    assert summary["ood"]["split"] == "val" and summary["ood"]["num_images"] == 12
+    for score in ood_report.SCORES:
+        assert 0.0 <= summary["ood"]["detection"][score]["auroc"] <= 1.0
+    curve = summary["corruptions"]["contrast"]
+    assert [p["severity"] for p in curve] == [0, 1, 5]
+    assert curve[0]["kappa_median"] == summary["clean"]["kappa_median"]
+    assert curve[0]["detection"]["kappa"]["auroc"] == 0.5  # clean against itself
+
+
+def test_ood_analysis_errors(saved, result, tmp_path, monkeypatch):
+    workdir, _ = saved
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ood_report.analyze(workdir, ood_dataset=str(tmp_path / "nowhere"))
+    monkeypatch.setenv(datasets.DATASETS_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="Dataset imagewoof is neither prepared .* "
+                                                "imagewoof2-160.tgz"):
+        ood_report.analyze(workdir, ood_dataset="imagewoof")
+    config = checkpoints.load_config(workdir)
+    with pytest.raises(ValueError, match="is the pretraining dataset"):
+        ood_report.analyze(workdir, ood_dataset=config.dataset)
+    with pytest.raises(ValueError, match="Unknown corruption 'fog'"):
+        ood_report.analyze(workdir, corruptions=("fog",))
+    other = tmp_path / "other_architecture"
+    shutil.copytree(os.path.join(workdir, "checkpoints"), other / "checkpoints")
+    config.model.width = 8
+    checkpoints.save_config(str(other), config)
+    with pytest.raises(ValueError, match="another architecture"):
+        ood_report.analyze(str(other), predictions=result["predictions"])
 
 
 def test_missing_workdir_names_the_path(tmp_path):

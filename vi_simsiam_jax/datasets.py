@@ -259,11 +259,13 @@ def resolve_config(dataset: str) -> ImagesConfig:
 
 
 def get_builder(dataset: str, *, data_dir: str | None = None,
-                archive: str | os.PathLike[str] | None = None) -> VisImages:
+                archive: str | os.PathLike[str] | None = None,
+                download: bool = True) -> VisImages:
     """The builder for `dataset` (see `resolve_config`), reading `archive` if given.
 
     `archive` (a fast.ai .tgz or its extracted folder) only applies to ImageNette/ImageWoof;
-    without it the archive is looked up in `default_archive_dir()`, then downloaded.
+    without it the archive is looked up in `default_archive_dir()`, then downloaded unless
+    `download` is False (FileNotFoundError then, if the dataset is not prepared either).
     """
     config = resolve_config(dataset)
     if not config.archive_stem:
@@ -279,16 +281,23 @@ def get_builder(dataset: str, *, data_dir: str | None = None,
                 f"{URL_PREFIX}{config.archive_stem}.tgz).")
     else:
         source = _find_local_archive(config.archive_stem)
-    return VisImages(config=config, data_dir=data_dir, source=source)
+    builder = VisImages(config=config, data_dir=data_dir, source=source)
+    if source is None and not download and not builder.is_prepared():
+        raise FileNotFoundError(
+            f"Dataset {dataset} is neither prepared in {builder.data_dir_root} nor found as "
+            f"{config.archive_stem}.tgz (or its folder) in {default_archive_dir()}: put the "
+            f"archive there, set ${DATASETS_ENV} to its folder, or pass its path.")
+    return builder
 
 
 def prepare(dataset: str, *, data_dir: str | None = None,
-            archive: str | os.PathLike[str] | None = None) -> VisImages:
+            archive: str | os.PathLike[str] | None = None,
+            download: bool = True) -> VisImages:
     """Prepares `dataset` into `data_dir` unless already there; returns its builder.
 
     TFDS's progress output goes to stderr, so stdout stays free for results.
     """
-    builder = get_builder(dataset, data_dir=data_dir, archive=archive)
+    builder = get_builder(dataset, data_dir=data_dir, archive=archive, download=download)
     with contextlib.redirect_stdout(sys.stderr):
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -109,17 +109,23 @@ def probe_train_dataset(examples: Examples, *, batch_size: int, seed: int,
 
 
 def eval_dataset(examples: Examples, *, batch_size: int, image_size: int = 224,
+                 corruption: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  local_device_count: int | None = None,
                  num_threads: int | None = None) -> tf.data.Dataset:
     """One pass in order: resize shorter side to image_size / 0.875, centre crop.
 
+    corruption(crop, rng), if given, maps the [0, 1] crop to a corrupted one before
+    normalisation (evaluation.corruptions); rng is a stateless seed fixed by the image's
+    position, so a corrupted pass is the same every time.
     Yields {"image", "label", "index", "mask"} for ceil(N / batch_size) steps; the last global
     batch is padded with copies of the last example, with mask 0.
     """
     def preprocess(image: tf.Tensor, rng: tf.Tensor) -> Features:
-        del rng
-        return {"image": normalize(center_crop(image, image_size))}
+        image = center_crop(image, image_size)
+        if corruption is not None:
+            image = corruption(image, rng)
+        return {"image": normalize(image)}
     return _dataset(examples, preprocess, shuffle=False, batch_size=batch_size, seed=0,
                     start_step=0, num_steps=num_eval_steps(len(examples), batch_size),
                     process_index=process_index, process_count=process_count,
@@ -312,9 +318,9 @@ def to_grayscale(image: tf.Tensor) -> tf.Tensor:
     return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
 
 
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-    """Separable Gaussian blur with reflect padding; kernel radius 3 * max sigma."""
-    radius = _BLUR_RADIUS
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int = _BLUR_RADIUS) -> tf.Tensor:
+    """Separable Gaussian blur with reflect padding; kernel radius (default 3 * max sigma of the
+    augmentation) in pixels, below the image size."""
     x = tf.range(-radius, radius + 1, dtype=tf.float32)
     kernel = tf.exp(-0.5 * tf.square(x / sigma))
     kernel /= tf.reduce_sum(kernel)

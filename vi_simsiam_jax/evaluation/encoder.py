@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -167,11 +167,14 @@ def single_host(**kwargs: Any) -> dict[str, Any]:
 
 
 def centre_crop_features(model: models.SiameseNet, variables: Variables,
-                         examples: datasets.Examples, batch_size: int,
-                         image_size: int) -> FeatureSet:
-    """Features of the resize + centre crop of every example, in order."""
+                         examples: datasets.Examples, batch_size: int, image_size: int,
+                         corruption: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
+                         ) -> FeatureSet:
+    """Features of the resize + centre crop of every example, in order; `corruption` as in
+    input_pipeline.eval_dataset."""
     dataset = input_pipeline.eval_dataset(
-        examples, **single_host(batch_size=batch_size, image_size=image_size))
+        examples, **single_host(batch_size=batch_size, image_size=image_size,
+                                corruption=corruption))
     return extract_features(model, variables, dataset)
 
 

@@ -126,11 +126,6 @@ def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], overall
     plt.close(fig)
 
 
-def _softmax_max(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return 1.0 / np.exp(shifted).sum(axis=1)
-
-
 def _accuracy_at_coverages(confidence: np.ndarray, correct: np.ndarray) -> dict[str, float]:
     """{"100%": top-1 on all images, "90%": on the 90% most certain, ...} in percent."""
     accuracy = uncertainty.accuracy_at_coverage(confidence, correct, COVERAGES)
@@ -158,7 +153,7 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
     data = load_predictions(predictions)
     kappa, labels, logits = data["kappa"].astype(np.float64), data["labels"], data["logits"]
     correct = logits.argmax(axis=1) == labels
-    max_softmax = _softmax_max(logits.astype(np.float64))
+    max_softmax = uncertainty.max_softmax(logits)
     output_dir = output_dir or os.path.join(workdir, "kappa_analysis")
     os.makedirs(output_dir, exist_ok=True)
     files = {name: os.path.join(output_dir, f"{name}.png")

@@ -8,6 +8,7 @@ processed in chunks so the (chunk, N_train) similarity matrix bounds the memory.
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +36,40 @@ def knn_scores(train_features: Array, train_labels: Array, test_features: Array,
         raise ValueError(f"train_labels must have shape {train_features.shape[:1]}, got "
                          f"{train_labels.shape}.")
     k = min(k, train_features.shape[0])
+
+    def chunk_scores(similarities: Array) -> Array:
+        similarity, neighbours = jax.lax.top_k(similarities, k)
+        weights = jnp.exp(similarity / temperature)
+        votes = jax.nn.one_hot(train_labels[neighbours], num_classes, dtype=jnp.float32)
+        return jnp.einsum("mk,mkc->mc", weights, votes)
+
+    return _map_similarities(chunk_scores, train_features, test_features, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def max_similarity(train_features: Array, test_features: Array, *,
+                   chunk_size: int = 256) -> Array:
+    """(M,) cosine similarity of each test row to its nearest training row: the kNN monitor's
+    top similarity, an out-of-distribution score (high = close to the training data)."""
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError(f"Features must be (N, D) and (M, D), got {train_features.shape} and "
+                         f"{test_features.shape}.")
+    return _map_similarities(lambda s: s.max(axis=-1), train_features, test_features,
+                             chunk_size)
+
+
+def _map_similarities(fn: Callable[[Array], Array], train_features: Array,
+                      test_features: Array, chunk_size: int) -> Array:
+    """fn applied to the (chunk, N) cosine similarities of chunks of test rows to all training
+    rows, results concatenated over the M test rows."""
     train = l2_normalize(train_features.astype(jnp.float32))
     num_test = test_features.shape[0]
     num_chunks = -(-num_test // chunk_size)
     test = l2_normalize(test_features.astype(jnp.float32))
     test = jnp.pad(test, ((0, num_chunks * chunk_size - num_test), (0, 0)))
-
-    def chunk_scores(chunk: Array) -> Array:
-        similarity, neighbours = jax.lax.top_k(chunk @ train.T, k)
-        weights = jnp.exp(similarity / temperature)
-        votes = jax.nn.one_hot(train_labels[neighbours], num_classes, dtype=jnp.float32)
-        return jnp.einsum("mk,mkc->mc", weights, votes)
-
-    scores = jax.lax.map(chunk_scores, test.reshape(num_chunks, chunk_size, -1))
-    return scores.reshape(-1, num_classes)[:num_test]
+    out = jax.lax.map(lambda chunk: fn(chunk @ train.T),
+                      test.reshape(num_chunks, chunk_size, -1))
+    return out.reshape(num_chunks * chunk_size, *out.shape[2:])[:num_test]
 
 
 def knn_predict(train_features: Array, train_labels: Array, test_features: Array, *,

@@ -16,8 +16,9 @@ Modes (see experiments/configs/probe.py):
   step (one encoder pass per training image and epoch).
 
 Outputs of `run`: a JSON result (top-1/top-5 in percent, kNN top-1, the sweep, timings) and, beside
-it, `<name>_predictions.npz` with the per-example val logits, labels, file names and, for
-VI-SimSiam, the predicted kappa from the same forward pass (read by experiments/analyze_kappa.py).
+it, `<name>_predictions.npz` with the per-example val logits, labels, file names, the fitted head
+(`restore_head`) and, for VI-SimSiam, the predicted kappa from the same forward pass (read by
+experiments/analyze_kappa.py and experiments/analyze_ood.py).
 """
 
 import functools
@@ -34,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 from flax.training import train_state
 
 from vi_simsiam_jax import datasets, input_pipeline
@@ -42,6 +44,7 @@ from vi_simsiam_jax.evaluation import encoder, knn
 Array = jax.Array
 MODES = ("cached", "online")
 PREDICTIONS_SUFFIX = "_predictions.npz"
+HEAD_PREFIX = "head/"  # names of the fitted head's variables in the predictions file
 
 
 class LinearClassifier(nn.Module):
@@ -110,6 +113,20 @@ def head_logits(state: HeadState, features: Array) -> Array:
     """Inference-mode logits (N, num_classes)."""
     return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, features,
                           False)
+
+
+def restore_head(predictions: dict[str, np.ndarray], path: str
+                 ) -> tuple[LinearClassifier, dict[str, Any]]:
+    """The head and variables that `run` fitted, from its predictions file (loaded as a dict)."""
+    flat = {name[len(HEAD_PREFIX):]: value for name, value in predictions.items()
+            if name.startswith(HEAD_PREFIX)}
+    if not flat:
+        raise ValueError(f"{path} holds no fitted head (it was written by an older version): "
+                         "rerun experiments.linear_probe on the workdir.")
+    variables = traverse_util.unflatten_dict(flat, sep="/")
+    head = LinearClassifier(num_classes=len(predictions["label_names"]),
+                            batch_norm="batch_stats" in variables)
+    return head, variables
 
 
 def cached_batches(features: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -290,17 +307,22 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     times["total"] = time.perf_counter() - start
     result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
                   predictions=predictions_path(output))
-    _save(result, val, val_examples, logits)
+    _save(result, val, val_examples, logits, head)
     return result
 
 
 def _save(result: dict[str, Any], val: encoder.FeatureSet, val_examples: datasets.Examples,
-          logits: np.ndarray) -> None:
-    """Writes the JSON result and the per-example predictions .npz (atomically)."""
+          logits: np.ndarray, head: HeadState) -> None:
+    """Writes the JSON result and the per-example predictions .npz (atomically); the .npz also
+    holds the fitted head, so other evaluations can classify new features with it."""
     os.makedirs(os.path.dirname(os.path.abspath(result["output"])), exist_ok=True)
+    head_variables = {"params": head.params, "batch_stats": head.batch_stats}
     arrays = {"logits": logits.astype(np.float32), "labels": val.labels,
               "file_names": np.array([str(n) for n in val_examples.file_names[val.index]]),
-              "label_names": np.array(val_examples.label_names), "step": np.array(result["step"])}
+              "label_names": np.array(val_examples.label_names), "step": np.array(result["step"]),
+              "image_size": np.array(result["image_size"]),
+              **{HEAD_PREFIX + name: np.asarray(value) for name, value in
+                 traverse_util.flatten_dict(head_variables, sep="/").items()}}
     if val.kappa is not None:
         arrays["kappa"] = val.kappa
     tmp = result["predictions"] + ".tmp.npz"

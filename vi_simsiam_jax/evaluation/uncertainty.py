@@ -1,7 +1,8 @@
 """Is the predicted concentration kappa a useful uncertainty? Pure numpy/jax analysis functions.
 
-- `auroc`: how well kappa separates images the linear probe gets right from those it gets wrong
-  (Mann-Whitney U statistic over rank sums, ties counted one half);
+- `auroc`: how well kappa separates images the linear probe gets right from those it gets wrong,
+  or in-distribution images from others (Mann-Whitney U statistic over rank sums, ties counted
+  one half); `roc_curve` and `fpr_at_tpr` (FPR at 95% TPR) for out-of-distribution detection;
 - `risk_coverage` / `accuracy_at_coverage`: probe accuracy as the least certain images (lowest
   kappa) are set aside (selective classification);
 - `loss_surface`: -log PS(z; mu, kappa) over cos(mu, z) and kappa, the part of Eq. 12 shown in
@@ -50,6 +51,31 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
 
 
+def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) of "score >= t" for every distinct score t,
+    from the highest threshold down, preceded by (0, 0): the ROC curve, whose trapezoidal area
+    is `auroc`. Positives are the class expected to score high (in-distribution, correct)."""
+    scores, positives = _as_1d("scores", scores), _as_1d("positives", positives).astype(bool)
+    if scores.shape != positives.shape:
+        raise ValueError(f"scores {scores.shape} and positives {positives.shape} differ in shape.")
+    if positives.all() or not positives.any():
+        raise ValueError("An ROC curve needs both positives and negatives.")
+    thresholds, inverse = np.unique(-scores.astype(np.float64), return_inverse=True)
+    true = np.cumsum(np.bincount(inverse, weights=positives, minlength=thresholds.size))
+    false = np.cumsum(np.bincount(inverse, weights=~positives, minlength=thresholds.size))
+    return (np.concatenate([[0.0], false / false[-1]]),
+            np.concatenate([[0.0], true / true[-1]]))
+
+
+def fpr_at_tpr(scores: np.ndarray, positives: np.ndarray, tpr: float = 0.95) -> float:
+    """The lowest false positive rate of a threshold "score >= t" that keeps at least `tpr` of
+    the positives (FPR at 95% TPR, the out-of-distribution detection convention)."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr}.")
+    false, true = roc_curve(scores, positives)
+    return float(false[np.argmax(true >= tpr - 1e-12)])
+
+
 def risk_coverage(confidence: np.ndarray, correct: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy on the most confident fraction of examples, for every fraction.
@@ -94,6 +120,13 @@ def loss_surface(cosines: np.ndarray, kappas: np.ndarray, dim: int) -> np.ndarra
     mu = jnp.zeros((kappas.size, cosines.size, dim), jnp.float32).at[..., 0].set(1.0)
     kappa = jnp.broadcast_to(jnp.asarray(kappas, jnp.float32)[:, None], mu.shape[:-1])
     return -np.asarray(power_spherical.log_prob(jnp.asarray(z, jnp.float32), mu, kappa))
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N,) largest softmax probability of each row of logits (N, C), in float64."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return 1.0 / np.exp(shifted).sum(axis=1)
 
 
 def kappa_stats(kappa: np.ndarray) -> dict[str, float]:
