@@ -44,7 +44,7 @@ def test_training_step_traces_without_tensorflow():
 
 def test_evaluation_does_not_import_training():
     code = ("import sys; import vi_simsiam_jax.evaluation.linear_probe, "
-            "vi_simsiam_jax.evaluation.kappa_report; "
+            "vi_simsiam_jax.evaluation.kappa_report, vi_simsiam_jax.evaluation.ood_report; "
             "print(sorted(m for m in sys.modules if m in ('vi_simsiam_jax.train', "
             "'vi_simsiam_jax.loop')))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=pretrain_utils.REPO,

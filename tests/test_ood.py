@@ -3,6 +3,7 @@ detection of easy and impossible OOD sets, the nearest-neighbour score, and the 
 identity at severity 0, ImageNet-C's formulas, growing with severity, in the eval pipeline)."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,19 @@ def test_eval_pipeline_applies_the_corruption_reproducibly():
     assert not np.allclose(noisy, clean)
     noise = noisy - clean
     assert not np.allclose(noise[0, 0], noise[0, 1])  # each image draws its own noise
+
+
+def test_figures_without_kappa_for_a_simsiam_encoder(tmp_path):
+    """SimSiam has only the baselines: the figures plot what exists."""
+    rng = np.random.default_rng(3)
+    inside = {name: rng.normal(1.0, 1.0, 40) for name in ood_report.SCORES[1:]}
+    outside = {name: rng.normal(0.0, 1.0, 30) for name in ood_report.SCORES[1:]}
+    results = ood_report.detection(inside, outside)
+    paths = [str(tmp_path / f"{name}.png") for name in ("histograms", "roc", "corruptions")]
+    ood_report.plot_histograms(inside, outside, ("in", "out"), paths[0])
+    ood_report.plot_roc(inside, outside, results, paths[1])
+    points = [{"severity": s, "top1": 50.0 - 5 * s,
+               "detection": {k: {"auroc": 0.5 + 0.05 * s} for k in inside}} for s in range(6)]
+    ood_report.plot_corruptions({"contrast": points, "jpeg_compression": points}, paths[2])
+    for path in paths:
+        assert os.path.getsize(path) > 0
