@@ -146,6 +146,8 @@ def test_eval_pipeline_applies_the_corruption_reproducibly():
     assert not np.allclose(noisy, clean)
     noise = noisy - clean
     assert not np.allclose(noise[0, 0], noise[0, 1])  # each image draws its own noise
+    for name in corruptions.CORRUPTIONS:  # every corruption keeps the batch's static shape
+        assert images_of(corruptions.corruption(name, 5)).shape == clean.shape
 
 
 def test_figures_without_kappa_for_a_simsiam_encoder(tmp_path):

@@ -52,6 +52,7 @@ def corrupt(image: tf.Tensor, rng: tf.Tensor, name: str, severity: int) -> tf.Te
     if severity == 0:
         return image
     c = PARAMETERS[name][severity - 1]
+    shape = image.shape
     if name == "gaussian_noise":
         image = image + c * tf.random.stateless_normal(tf.shape(image), rng)
     elif name == "gaussian_blur":
@@ -64,7 +65,7 @@ def corrupt(image: tf.Tensor, rng: tf.Tensor, name: str, severity: int) -> tf.Te
     else:
         mean = tf.reduce_mean(image, axis=(0, 1), keepdims=True)
         image = (image - mean) * c + mean
-    return tf.clip_by_value(image, 0.0, 1.0)
+    return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), shape)  # JPEG loses it
 
 
 def corruption(name: str, severity: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
