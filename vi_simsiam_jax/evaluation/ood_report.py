@@ -188,6 +188,7 @@ def analyze(workdir: str, *, ood_dataset: str | None = None, ood_archive: str | 
         "dataset": pretrain_config.dataset, "predictions": predictions,
         "image_size": int(data["image_size"]), "num_val": len(val_examples),
         "scores": list(clean), "clean": {"top1": clean_top1, **_kappa_summary(clean)},
+        "pretrain_config": pretrain_config.to_dict(),
     }
 
     if ood_dataset:
