@@ -13,13 +13,14 @@ Writes to --output_dir (default workdir/ood_analysis):
   vi_simsiam_jax/evaluation/corruptions.py);
 - ood.json: every number (AUROC and FPR at 95% TPR per score, per-severity statistics).
 The probe's head comes from its predictions file (experiments.linear_probe, run first if
-missing).
+missing). `--tables=results/ood` prints the README's tables from saved ood.json files.
 """
 
 from vi_simsiam_jax import launch
 
 launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
+import glob
 import json
 import os
 
@@ -47,12 +48,26 @@ _PREDICTIONS = flags.DEFINE_string(
     "predictions", None, "Probe predictions .npz (default: beside the default probe JSON).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: workdir/ood_analysis).")
-flags.mark_flags_as_required(["workdir"])
+_TABLES = flags.DEFINE_string(
+    "tables", None, "Instead of analysing: print the README's markdown tables from the ood.json "
+    "files in this folder (e.g. results/ood).")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _TABLES.value:
+        paths = sorted(glob.glob(os.path.join(_TABLES.value, "*.json")))
+        if not paths:
+            raise app.UsageError(f"--tables: no .json files in {_TABLES.value}.")
+        summaries = []
+        for path in paths:
+            with open(path) as f:
+                summaries.append(json.load(f))
+        print(ood_report.markdown_tables(summaries))
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (or --tables).")
     try:
         severities = [int(s) for s in _SEVERITIES.value]
     except ValueError as e:

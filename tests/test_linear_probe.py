@@ -176,6 +176,10 @@ def test_ood_analysis_writes_figures_and_json(saved, result, tmp_path):
     assert [p["severity"] for p in curve] == [0, 1, 5]
     assert curve[0]["kappa_median"] == summary["clean"]["kappa_median"]
     assert curve[0]["detection"]["kappa"]["auroc"] == 0.5  # clean against itself
+    tables = ood_report.markdown_tables([summary], severities=(1, 5))
+    kappa = summary["ood"]["detection"]["kappa"]
+    assert f"| {kappa['auroc']:.3f} ({kappa['fpr_at_95_tpr']:.2f}) |" in tables
+    assert f"| contrast | {curve[0]['top1']:.1f} / {curve[1]['top1']:.1f} / " in tables
 
 
 def test_ood_analysis_errors(saved, result, tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vi_simsiam_jax import checkpoints, datasets  # noqa: E402
@@ -142,14 +141,7 @@ def analyze(workdir: str, *, step: int | None = None, predictions: str | None = 
             probe_config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """Writes the four figures and uncertainty.json; returns the summary."""
     config = check_vi_simsiam(workdir)
-    predictions = predictions or linear_probe.predictions_path(
-        linear_probe.default_output(workdir, step))
-    if not os.path.exists(predictions):
-        if probe_config is None:
-            raise FileNotFoundError(f"{predictions} not found: run experiments.linear_probe "
-                                    f"--workdir={workdir} first.")
-        logging.info("%s not found: running the linear probe first.", predictions)
-        linear_probe.run(workdir, probe_config, step=step)
+    predictions = linear_probe.find_predictions(workdir, step, predictions, probe_config)
     data = load_predictions(predictions)
     kappa, labels, logits = data["kappa"].astype(np.float64), data["labels"], data["logits"]
     correct = logits.argmax(axis=1) == labels

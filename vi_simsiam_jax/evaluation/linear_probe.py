@@ -185,6 +185,20 @@ def predictions_path(output: str) -> str:
     return os.path.splitext(output)[0] + PREDICTIONS_SUFFIX
 
 
+def find_predictions(workdir: str, step: int | None, predictions: str | None,
+                     probe_config: ml_collections.ConfigDict | None) -> str:
+    """The predictions file to analyse: `predictions`, else the default probe's. If it does not
+    exist, the probe is run first with probe_config (FileNotFoundError without one)."""
+    predictions = predictions or predictions_path(default_output(workdir, step))
+    if not os.path.exists(predictions):
+        if probe_config is None:
+            raise FileNotFoundError(f"{predictions} not found: run experiments.linear_probe "
+                                    f"--workdir={workdir} first.")
+        logging.info("%s not found: running the linear probe first.", predictions)
+        run(workdir, probe_config, step=step)
+    return predictions
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first probe config field with an invalid value."""
     checks = [

@@ -130,6 +130,45 @@ def plot_corruptions(curves: dict[str, list[dict[str, Any]]], path: str) -> None
     plt.close(fig)
 
 
+def _cells(points: list[dict[str, Any]], severities: Sequence[int], value) -> str:
+    """'a / b / c': value(point) at each of `severities` ('-' where missing)."""
+    by_severity = {p["severity"]: p for p in points}
+    return " / ".join(value(by_severity[s]) if s in by_severity else "-" for s in severities)
+
+
+def markdown_tables(summaries: Sequence[dict[str, Any]],
+                    severities: Sequence[int] = (1, 3, 5)) -> str:
+    """The README's tables from ood.json summaries: OOD detection (AUROC and FPR at 95% TPR per
+    score) and, per corruption, top-1, median kappa and AUROCs at `severities`."""
+    header = " | ".join(SCORES)
+    lines = ["| encoder | probe top-1 | out-of-distribution | " + header + " |",
+             "|---" * (3 + len(SCORES)) + "|"]
+    for s in summaries:
+        if "ood" not in s:
+            continue
+        detection = s["ood"]["detection"]
+        scores = [f"{detection[k]['auroc']:.3f} ({detection[k]['fpr_at_95_tpr']:.2f})"
+                  if k in detection else "-" for k in SCORES]
+        lines.append(f"| {s['method']}, {s['dataset']} | {s['clean']['top1']:.2f} | "
+                     f"{s['ood']['dataset']} | " + " | ".join(scores) + " |")
+    levels = " / ".join(str(v) for v in severities)
+    lines += ["", f"| encoder | corruption | top-1 at severity 0 / {levels} | median kappa at "
+              f"0 / {levels} | AUROC of kappa at {levels} | AUROC of max_softmax at {levels} |",
+              "|---" * 6 + "|"]
+    for s in summaries:
+        for name, points in s.get("corruptions", {}).items():
+            has_kappa = "kappa_median" in points[0]
+            auroc = lambda score: lambda p: f"{p['detection'][score]['auroc']:.2f}"  # noqa: E731
+            lines.append(" | ".join([
+                f"| {s['method']}, {s['dataset']}", name,
+                _cells(points, (0, *severities), lambda p: f"{p['top1']:.1f}"),
+                _cells(points, (0, *severities), lambda p: f"{p['kappa_median']:.0f}")
+                if has_kappa else "-",
+                _cells(points, severities, auroc("kappa")) if has_kappa else "-",
+                _cells(points, severities, auroc("max_softmax"))]) + " |")
+    return "\n".join(lines)
+
+
 def _load_ood(name: str, pretrain_config: ml_collections.ConfigDict,
               archive: str | None) -> tuple[str, datasets.Examples]:
     """(split read, examples) of the OOD dataset: its val split, else its train split."""
@@ -157,14 +196,7 @@ def analyze(workdir: str, *, ood_dataset: str | None = None, ood_archive: str | 
             corruption_ops.check(name, severity)
     if ood_dataset:  # before any feature is computed, so a missing dataset fails fast
         ood_split, ood_examples = _load_ood(ood_dataset, pretrain_config, ood_archive)
-    predictions = predictions or linear_probe.predictions_path(
-        linear_probe.default_output(workdir, step))
-    if not os.path.exists(predictions):
-        if probe_config is None:
-            raise FileNotFoundError(f"{predictions} not found: run experiments.linear_probe "
-                                    f"--workdir={workdir} first.")
-        logging.info("%s not found: running the linear probe first.", predictions)
-        linear_probe.run(workdir, probe_config, step=step)
+    predictions = linear_probe.find_predictions(workdir, step, predictions, probe_config)
     with np.load(predictions) as f:
         data = dict(f)
     head, head_variables = linear_probe.restore_head(data, predictions)
