@@ -4,14 +4,17 @@ evaluation (cached, online, random init) plus the kappa and OOD analyses on a ti
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from safetensors import safe_open
 
 from experiments.configs import probe as probe_config
-from tests import fake_archives, tiny_config
+from tests import fake_archives, pretrain_utils, tiny_config
 from vi_simsiam_jax import checkpoints, datasets, train_state
 from vi_simsiam_jax.evaluation import encoder, kappa_report, ood_report
 from vi_simsiam_jax.evaluation import linear_probe as probe
@@ -201,6 +204,25 @@ def test_ood_analysis_errors(saved, result, tmp_path, monkeypatch):
     checkpoints.save_config(str(other), config)
     with pytest.raises(ValueError, match="another architecture"):
         ood_report.analyze(str(other), predictions=result["predictions"])
+
+
+def test_export_torch_writes_the_checkpoint_as_safetensors(saved, tmp_path):
+    workdir, variables = saved
+    out = tmp_path / "export" / "encoder.safetensors"
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.export_torch", f"--workdir={workdir}",
+         f"--out={out}"], cwd=pretrain_utils.REPO, env=pretrain_utils.ENV, capture_output=True,
+        text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(completed.stdout.splitlines()[-1])["step"] == "3"
+    with safe_open(str(out), "np") as f:
+        assert f.metadata()["method"] == "vi_simsiam" and f.metadata()["stem"] == "cifar"
+        np.testing.assert_array_equal(
+            f.get_tensor("layer1.0.bn1.running_var"),
+            variables["batch_stats"]["backbone"]["layer1_0"]["bn1"]["var"])
+        fc2 = variables["params"]["predictor"]["fc2"]
+        np.testing.assert_array_equal(f.get_tensor("predictor.3.weight"),
+                                      np.asarray(fc2["kernel"]).T)
 
 
 def test_missing_workdir_names_the_path(tmp_path):
