@@ -35,7 +35,8 @@ def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | N
     config = tiny_config(method, target)
     model = train_state.make_model(config, axis_name=axis_name)
     step = functools.partial(train.train_step, model=model, method=method, target=target,
-                             global_crops=config.global_crops, ema_decay=config.ema_decay,
+                             global_crops=config.global_crops,
+                             ema_decay_fn=train_state.ema_decay_schedule(config, 10),
                              learning_rate_fn=train_state.learning_rate_schedule(config, 10))
     return jax.pmap(step, axis_name=train_state.AXIS_NAME,
                     devices=jax.local_devices()[:num_devices])
@@ -68,6 +69,28 @@ def test_eight_devices_equal_one_device(target):
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state_1.params,
                          _initial_state("vi_simsiam", target).params)
     assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_ema_target_follows_the_scheduled_decay():
+    """BYOL's cosine schedule from ema_decay to 1, and the first step's target update
+    tau_0 * initial + (1 - tau_0) * updated."""
+    config = tiny_config(target="ema")
+    config.num_epochs, config.ema_decay = 2, 0.99
+    cosine = train_state.ema_decay_schedule(config, steps_per_epoch=5)
+    np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.99, 0.995, 1.0], atol=1e-7)
+    config.ema_schedule = "constant"
+    assert float(train_state.ema_decay_schedule(config, 5)(10)) == pytest.approx(0.99)
+    config.ema_schedule = "linear"
+    with pytest.raises(ValueError, match="ema_schedule"):
+        train_state.ema_decay_schedule(config, 5)
+    initial = _initial_state("vi_simsiam", "ema")
+    state, _ = _one_step("vi_simsiam", "ema", _views(tiny_config(target="ema"), 8), 1)
+    tau = float(train_state.ema_decay_schedule(tiny_config(target="ema"), 10)(0))
+    assert tau == pytest.approx(0.996)
+    expected = jax.tree.map(lambda old, new: tau * old + (1 - tau) * new,
+                            initial.target_variables["params"], state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 state.target_variables["params"], expected)
 
 
 def test_single_device_step_without_collectives_equals_synchronised_step(monkeypatch):

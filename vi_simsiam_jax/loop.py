@@ -21,7 +21,8 @@ from flax import jax_utils
 
 from vi_simsiam_jax import checkpoints, datasets, input_pipeline, models, train
 from vi_simsiam_jax.cpu import layers
-from vi_simsiam_jax.train_state import AXIS_NAME, TrainState, create_train_state, make_model
+from vi_simsiam_jax.train_state import (AXIS_NAME, EMA_SCHEDULES, TrainState, create_train_state,
+                                        make_model)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -39,6 +40,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         ("weight_decay", config.weight_decay >= 0, ">= 0"),
         ("momentum", 0 <= config.momentum < 1, "in [0, 1)"),
         ("ema_decay", 0 <= config.ema_decay < 1, "in [0, 1)"),
+        ("ema_schedule", config.ema_schedule in EMA_SCHEDULES, f"one of {EMA_SCHEDULES}"),
         ("num_epochs", config.num_epochs > 0, "positive"),
         ("warmup_epochs", 0 <= config.warmup_epochs <= config.num_epochs,
          "in [0, num_epochs]"),

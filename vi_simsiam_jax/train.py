@@ -17,7 +17,8 @@ import ml_collections
 import optax
 
 from vi_simsiam_jax import losses, models
-from vi_simsiam_jax.train_state import AXIS_NAME, TrainState, learning_rate_schedule
+from vi_simsiam_jax.train_state import (AXIS_NAME, TrainState, ema_decay_schedule,
+                                        learning_rate_schedule)
 
 Array = jax.Array
 
@@ -28,15 +29,15 @@ def _global_norm(tree: Any) -> Array:
 
 def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
                model: models.SiameseNet, method: str, global_crops: int, target: str,
-               ema_decay: float, learning_rate_fn: optax.Schedule
+               ema_decay_fn: optax.Schedule, learning_rate_fn: optax.Schedule
                ) -> tuple[TrainState, dict[str, Array]]:
     """One SGD step on this device's shard of the views, inside pmap(axis_name=AXIS_NAME);
     gradients and metrics are averaged over `model.axis_name` (none: a single device).
 
     batch: the views (B_local, H, W, 3), the `global_crops` global crops first. rng: this step's
     key, handed to the model as its "dropout" stream (the default model is deterministic).
-    method: "simsiam" | "vi_simsiam"; target: "stopgrad" | "ema" (with `ema_decay`), see
-    `models.target_projections`. Returns the new state and metrics averaged over devices. If the
+    method: "simsiam" | "vi_simsiam"; target: "stopgrad" | "ema" (decay `ema_decay_fn(step)`),
+    see `models.target_projections`. Returns the new state and metrics averaged over devices. If the
     loss or any gradient is not finite, the state is returned unchanged and metrics["finite"]
     is 0, so no NaN ever reaches the parameters.
     """
@@ -70,7 +71,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
         if target == "ema":
             new_state = new_state.replace(target_variables=models.ema_update(
                 state.target_variables, {"params": new_state.params, "batch_stats": batch_stats},
-                ema_decay))
+                ema_decay_fn(state.step)))
         return new_state
 
     # A cond, not a select over the state: the update is written once, in place.
@@ -86,6 +87,6 @@ def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDic
     state argument is donated."""
     step = functools.partial(train_step, model=model, method=config.method,
                              global_crops=config.global_crops, target=config.target,
-                             ema_decay=config.ema_decay,
+                             ema_decay_fn=ema_decay_schedule(config, steps_per_epoch),
                              learning_rate_fn=learning_rate_schedule(config, steps_per_epoch))
     return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))

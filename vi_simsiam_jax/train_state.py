@@ -15,6 +15,7 @@ from vi_simsiam_jax import models
 from vi_simsiam_jax.cpu import layers
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
+EMA_SCHEDULES = ("cosine", "constant")
 Array = jax.Array
 
 
@@ -54,6 +55,23 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1))
+
+
+def ema_decay_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
+                       ) -> optax.Schedule:
+    """The target network's EMA decay at each step (BYOL / VI-BYOL, config.target="ema").
+
+    "cosine" (default, BYOL Sec. 3.2): tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from
+    tau_base = config.ema_decay at step 0 to 1 at the last step K. "constant": tau_base always.
+    """
+    if config.ema_schedule not in EMA_SCHEDULES:
+        raise ValueError(f"config.ema_schedule must be one of {EMA_SCHEDULES}, got "
+                         f"{config.ema_schedule!r}.")
+    if config.ema_schedule == "constant":
+        return optax.constant_schedule(config.ema_decay)
+    total_steps = config.num_epochs * steps_per_epoch
+    return lambda step: 1.0 - optax.cosine_decay_schedule(1.0 - config.ema_decay,
+                                                          total_steps)(step)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int

@@ -31,10 +31,12 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.local_scale = (0.05, 0.2)
 
     # Method: "vi_simsiam" (Eq. 12) or "simsiam" (Eq. 1); target "stopgrad" (SimSiam) or "ema"
-    # (BYOL / VI-BYOL, with ema_decay).
+    # (BYOL / VI-BYOL): decay ema_decay, raised to 1 over training by a cosine (BYOL's
+    # schedule) or kept "constant".
     config.method = method
     config.target = "stopgrad"
     config.ema_decay = 0.996
+    config.ema_schedule = "cosine"
     config.model = ml_collections.ConfigDict(dict(
         stem="imagenet", width=64, zero_init_residual=True, proj_hidden_dim=2048, dim=2048,
         pred_dim=512, kappa_map="softplus", kappa_min=1.0))
