@@ -164,6 +164,21 @@ def test_random_resized_crop_area_in_scale():
         assert 3 / 4 * 0.8 < box_w / box_h < 4 / 3 * 1.2
 
 
+def test_blur_sigma_in_pixels_or_relative_to_the_crop(examples):
+    assert CROPS.blur_sigma(8) == CROPS.blur_sigma(224) == ip.BLUR_SIGMA
+    relative = ip.MultiCropConfig(global_size=16, n_global=2, local_size=8, n_local=2,
+                                  blur_relative=True)
+    assert relative.blur_sigma(224) == pytest.approx(ip.BLUR_SIGMA)
+    assert relative.blur_sigma(64) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
+    pixels, scaled = _pretrain(examples, num_steps=1), _pretrain(examples, num_steps=1,
+                                                                 crops=relative)
+    assert [v.shape for v in pixels[0]["views"]] == [v.shape for v in scaled[0]["views"]]
+    # Same crops, colours and flips; only the blurred views (p = 0.5) differ.
+    differs = [np.abs(a - b).max(axis=(2, 3, 4)) > 1e-6
+               for a, b in zip(pixels[0]["views"], scaled[0]["views"])]
+    assert 0.2 < np.mean(differs) < 0.8
+
+
 def test_grayscale_probability():
     """About 20% of views are grayscale (equal channels), as RandomGrayscale(p=0.2)."""
     image = tf.constant(np.random.default_rng(2).integers(0, 256, (12, 12, 3)), tf.uint8)

@@ -30,7 +30,8 @@ MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875
-BLUR_SIGMA = (0.1, 2.0)
+BLUR_SIGMA = (0.1, 2.0)  # SimSiam's (MoCo v2's) Gaussian-blur sigma range in pixels
+BLUR_REFERENCE_SIZE = 224  # the crop size that range was set for
 _BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # Gaussian kernel half-width in pixels.
 
 Features = dict[str, tf.Tensor]
@@ -40,9 +41,17 @@ Features = dict[str, tf.Tensor]
 class MultiCropConfig:
     """Views per image: `n_global` crops at `global_size`, then `n_local` at `local_size`.
 
-    Scales are the crop's fraction of the image area (torchvision RandomResizedCrop). The
-    defaults are SwAV's ImageNet multi-crop (2x224 + 6x96) with SimSiam's global scale; the
-    experiment configs choose sizes for their data (experiments/configs/paper.py).
+    Scales are the crop's fraction of the image area (torchvision RandomResizedCrop). Crop
+    counts and sizes default to SwAV's ImageNet multi-crop (2x224 + 6x96). The scales are not
+    SwAV's (0.14-1 global, 0.05-0.14 local): the global range is SimSiam's (0.2-1) and the local
+    range (0.05-0.2) is the part below it, so local crops are the small crops that global crops
+    never are, as in SwAV's split at 0.14. The experiment configs choose sizes for their data
+    (experiments/configs/paper.py).
+
+    blur_relative: False (default), the blur sigma is drawn from BLUR_SIGMA in output pixels
+    whatever the crop size, as SimSiam's code (and SwAV's on its 96 px crops) does; True, that
+    range is scaled by size / 224, so a crop is blurred as much relative to its content as a
+    224 px crop is (0.03-0.57 px at 64 px, where the default blurs 3.5x more).
     """
 
     n_global: int = 2
@@ -51,17 +60,25 @@ class MultiCropConfig:
     n_local: int = 6
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.2)
+    blur_relative: bool = False
 
     def __post_init__(self):
         for size, (low, high) in self.views():
-            if size <= _BLUR_RADIUS or not 0 < low <= high <= 1:
-                raise ValueError(f"Bad crop size {size} (need > {_BLUR_RADIUS}) or scale "
-                                 f"({low}, {high}) (need 0 < low <= high <= 1) in {self}.")
+            radius = math.ceil(3 * self.blur_sigma(size)[1])
+            if size <= radius or not 0 < low <= high <= 1:
+                raise ValueError(f"Bad crop size {size} (need > {radius}, the blur radius) or "
+                                 f"scale ({low}, {high}) (need 0 < low <= high <= 1) in {self}.")
 
     def views(self) -> list[tuple[int, tuple[float, float]]]:
         """(size, scale) of each view, global crops first."""
         return ([(self.global_size, self.global_scale)] * self.n_global
                 + [(self.local_size, self.local_scale)] * self.n_local)
+
+    def blur_sigma(self, size: int) -> tuple[float, float]:
+        """The Gaussian-blur sigma range, in pixels, of a view of `size` px."""
+        if not self.blur_relative:
+            return BLUR_SIGMA
+        return tuple(sigma * size / BLUR_REFERENCE_SIZE for sigma in BLUR_SIGMA)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -80,7 +97,8 @@ def pretrain_dataset(examples: Examples, *, batch_size: int, seed: int,
     """
     def preprocess(image: tf.Tensor, rng: tf.Tensor) -> Features:
         rngs = _split(rng, len(crops.views()))
-        return {"views": tuple(simsiam_augment(image, rngs[i], size, scale)
+        return {"views": tuple(simsiam_augment(image, rngs[i], size, scale,
+                                               crops.blur_sigma(size))
                                for i, (size, scale) in enumerate(crops.views()))}
     return _dataset(examples, preprocess, shuffle=True, batch_size=batch_size, seed=seed,
                     start_step=start_step, num_steps=num_steps, process_index=process_index,
@@ -266,20 +284,22 @@ def _resize(image: tf.Tensor, size) -> tf.Tensor:
 
 
 @tf.function(autograph=False, reduce_retracing=True)
-def simsiam_augment(image: tf.Tensor, rng: tf.Tensor, size: int,
-                    scale: tuple[float, float]) -> tf.Tensor:
+def simsiam_augment(image: tf.Tensor, rng: tf.Tensor, size: int, scale: tuple[float, float],
+                    blur_sigma: tuple[float, float] = BLUR_SIGMA) -> tf.Tensor:
     """SimSiam's augmentation of a uint8 image into a normalised float32 [size, size, 3] view.
 
     RandomResizedCrop(size, scale), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with
-    p=0.2, Gaussian blur (sigma in [0.1, 2.0] output pixels) with p=0.5, horizontal flip.
-    A tf.function, so the graph is traced once per (size, scale) and shared by the views.
+    p=0.2, Gaussian blur (sigma uniform in blur_sigma, output pixels) with p=0.5, horizontal
+    flip. A tf.function, so the graph is traced once per (size, scale, blur_sigma) and shared by
+    the views.
     """
     keys = _split(rng, 7)
     image = random_resized_crop(image, keys[0], size, scale)
     image = _maybe(keys[1], 0.8, lambda x: color_jitter(x, keys[2]), image)
     image = _maybe(keys[3], 0.2, to_grayscale, image)
-    sigma = tf.random.stateless_uniform([], keys[4], *BLUR_SIGMA)
-    image = _maybe(keys[5], 0.5, lambda x: gaussian_blur(x, sigma), image)
+    sigma = tf.random.stateless_uniform([], keys[4], *blur_sigma)
+    radius = math.ceil(3 * blur_sigma[1])
+    image = _maybe(keys[5], 0.5, lambda x: gaussian_blur(x, sigma, radius), image)
     image = tf.image.stateless_random_flip_left_right(image, keys[6])
     return normalize(image)
 

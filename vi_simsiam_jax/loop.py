@@ -70,7 +70,8 @@ def crops_config(config: ml_collections.ConfigDict) -> input_pipeline.MultiCropC
     return input_pipeline.MultiCropConfig(
         n_global=config.global_crops, global_size=config.global_size,
         global_scale=tuple(config.global_scale), n_local=config.local_crops,
-        local_size=config.local_size, local_scale=tuple(config.local_scale))
+        local_size=config.local_size, local_scale=tuple(config.local_scale),
+        blur_relative=config.blur_relative)
 
 
 class MetricWriter:

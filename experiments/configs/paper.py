@@ -5,8 +5,12 @@ cosine decay, batch 64, 200 epochs, multi-crop. Other configs start from this on
 
 (default "imagenette,vi_simsiam").
 
-The paper does not give its multi-crop sizes; we use SwAV's recipe scaled to the 160 px data:
-2 global crops of 128 px (scale 0.2-1) and 4 local crops of 64 px (scale 0.05-0.2).
+The paper says only "multi-crop" (SwAV's); the crops are our choice for the 160 px data: 2 global
+crops of 128 px with SimSiam's scale 0.2-1 and 4 local crops of 64 px with scale 0.05-0.2, the
+area range below the global one (SwAV itself splits at 0.14: 0.14-1 and 0.05-0.14). The other
+augmentations are SimSiam's, the Gaussian-blur sigma in [0.1, 2] output pixels as in SimSiam's
+code whatever the crop size; blur_relative=True scales it to the crop instead
+(input_pipeline.MultiCropConfig).
 """
 
 import ml_collections
@@ -29,6 +33,7 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.local_crops = 4
     config.local_size = 64
     config.local_scale = (0.05, 0.2)
+    config.blur_relative = False  # True: blur sigma scaled by crop size / 224
 
     # Method: "vi_simsiam" (Eq. 12) or "simsiam" (Eq. 1); target "stopgrad" (SimSiam) or "ema"
     # (BYOL / VI-BYOL): decay ema_decay, raised to 1 over training by a cosine (BYOL's
