@@ -158,14 +158,15 @@ def markdown_tables(summaries: Sequence[dict[str, Any]],
     for s in summaries:
         for name, points in s.get("corruptions", {}).items():
             has_kappa = "kappa_median" in points[0]
-            auroc = lambda score: lambda p: f"{p['detection'][score]['auroc']:.2f}"  # noqa: E731
             lines.append(" | ".join([
                 f"| {s['method']}, {s['dataset']}", name,
                 _cells(points, (0, *severities), lambda p: f"{p['top1']:.1f}"),
                 _cells(points, (0, *severities), lambda p: f"{p['kappa_median']:.0f}")
                 if has_kappa else "-",
-                _cells(points, severities, auroc("kappa")) if has_kappa else "-",
-                _cells(points, severities, auroc("max_softmax"))]) + " |")
+                _cells(points, severities, lambda p: f"{p['detection']['kappa']['auroc']:.2f}")
+                if has_kappa else "-",
+                _cells(points, severities,
+                       lambda p: f"{p['detection']['max_softmax']['auroc']:.2f}")]) + " |")
     return "\n".join(lines)
 
 
