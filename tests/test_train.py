@@ -84,7 +84,7 @@ def test_ema_target_follows_the_scheduled_decay():
     with pytest.raises(ValueError, match="ema_schedule"):
         train_state.ema_decay_schedule(config, 5)
     initial = _initial_state("vi_simsiam", "ema")
-    state, _ = _one_step("vi_simsiam", "ema", _views(tiny_config(target="ema"), 8), 1)
+    state, _ = _one_step("vi_simsiam", "ema", _views(tiny_config(target="ema"), 16), 1)
     tau = float(train_state.ema_decay_schedule(tiny_config(target="ema"), 10)(0))
     assert tau == pytest.approx(0.996)
     expected = jax.tree.map(lambda old, new: tau * old + (1 - tau) * new,
