@@ -37,9 +37,9 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
     batch: the views (B_local, H, W, 3), the `global_crops` global crops first. rng: this step's
     key, handed to the model as its "dropout" stream (the default model is deterministic).
     method: "simsiam" | "vi_simsiam"; target: "stopgrad" | "ema" (decay `ema_decay_fn(step)`),
-    see `models.target_projections`. Returns the new state and metrics averaged over devices. If the
-    loss or any gradient is not finite, the state is returned unchanged and metrics["finite"]
-    is 0, so no NaN ever reaches the parameters.
+    see `models.target_projections`. Returns the new state and metrics averaged over devices.
+    If the loss or any gradient is not finite, the state is returned unchanged and
+    metrics["finite"] is 0, so no NaN ever reaches the parameters.
     """
 
     def loss_fn(params):

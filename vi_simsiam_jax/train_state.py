@@ -69,9 +69,8 @@ def ema_decay_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
                          f"{config.ema_schedule!r}.")
     if config.ema_schedule == "constant":
         return optax.constant_schedule(config.ema_decay)
-    total_steps = config.num_epochs * steps_per_epoch
-    return lambda step: 1.0 - optax.cosine_decay_schedule(1.0 - config.ema_decay,
-                                                          total_steps)(step)
+    gap = optax.cosine_decay_schedule(1.0 - config.ema_decay, config.num_epochs * steps_per_epoch)
+    return lambda step: 1.0 - gap(step)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int

@@ -26,12 +26,6 @@ def knn_scores(train_features: Array, train_labels: Array, test_features: Array,
 
     train_features (N, D), train_labels (N,) int, test_features (M, D). k is clamped to N.
     """
-    if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError(f"Features must be (N, D) and (M, D), got {train_features.shape} and "
-                         f"{test_features.shape}.")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"Train features have dimension {train_features.shape[1]} but test "
-                         f"features {test_features.shape[1]}.")
     if train_labels.shape != train_features.shape[:1]:
         raise ValueError(f"train_labels must have shape {train_features.shape[:1]}, got "
                          f"{train_labels.shape}.")
@@ -51,9 +45,6 @@ def max_similarity(train_features: Array, test_features: Array, *,
                    chunk_size: int = 256) -> Array:
     """(M,) cosine similarity of each test row to its nearest training row: the kNN monitor's
     top similarity, an out-of-distribution score (high = close to the training data)."""
-    if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError(f"Features must be (N, D) and (M, D), got {train_features.shape} and "
-                         f"{test_features.shape}.")
     return _map_similarities(lambda s: s.max(axis=-1), train_features, test_features,
                              chunk_size)
 
@@ -62,6 +53,12 @@ def _map_similarities(fn: Callable[[Array], Array], train_features: Array,
                       test_features: Array, chunk_size: int) -> Array:
     """fn applied to the (chunk, N) cosine similarities of chunks of test rows to all training
     rows, results concatenated over the M test rows."""
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError(f"Features must be (N, D) and (M, D), got {train_features.shape} and "
+                         f"{test_features.shape}.")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"Train features have dimension {train_features.shape[1]} but test "
+                         f"features {test_features.shape[1]}.")
     train = l2_normalize(train_features.astype(jnp.float32))
     num_test = test_features.shape[0]
     num_chunks = -(-num_test // chunk_size)

@@ -52,12 +52,17 @@ def feature_scores(rows: encoder.FeatureSet, logits: np.ndarray,
     return scores
 
 
+def _stacked(inside: Scores, outside: Scores, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(score `name` of inside then outside, positives: True for the inside rows)."""
+    scores = np.concatenate([inside[name], outside[name]])
+    return scores, np.arange(scores.size) < inside[name].size
+
+
 def detection(inside: Scores, outside: Scores) -> dict[str, dict[str, float]]:
     """{score: {"auroc", "fpr_at_95_tpr"}} for telling `inside` (positives) from `outside`."""
     results = {}
     for name in inside:
-        scores = np.concatenate([inside[name], outside[name]])
-        positives = np.arange(scores.size) < inside[name].size
+        scores, positives = _stacked(inside, outside, name)
         results[name] = {"auroc": uncertainty.auroc(scores, positives),
                          "fpr_at_95_tpr": uncertainty.fpr_at_tpr(scores, positives, TPR)}
     return results
@@ -94,8 +99,7 @@ def plot_roc(inside: Scores, outside: Scores, results: dict[str, dict[str, float
              path: str) -> None:
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for name in inside:
-        positives = np.r_[np.ones(inside[name].size, bool), np.zeros(outside[name].size, bool)]
-        fpr, tpr = uncertainty.roc_curve(np.concatenate([inside[name], outside[name]]), positives)
+        fpr, tpr = uncertainty.roc_curve(*_stacked(inside, outside, name))
         ax.plot(fpr, tpr, label=f"{name}: AUROC {results[name]['auroc']:.3f}")
     ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
     ax.axhline(TPR, color="gray", ls="--", lw=0.8)
@@ -238,10 +242,10 @@ def analyze(workdir: str, *, ood_dataset: str | None = None, ood_archive: str | 
 
     if corruptions and severities:
         curves = {}
+        unchanged = {k: {"auroc": v["auroc"]} for k, v in detection(clean, clean).items()}
         for name in corruptions:
             curves[name] = [{"severity": 0, "top1": clean_top1, **_kappa_summary(clean),
-                             "detection": {k: {"auroc": v["auroc"]}
-                                           for k, v in detection(clean, clean).items()}}]
+                             "detection": unchanged}]
             for severity in severities:
                 corrupted, top1 = evaluate(centre(
                     val_examples, corruption=corruption_ops.corruption(name, severity)))

@@ -33,6 +33,14 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ((last - counts + 1 + last) / 2.0)[inverse]
 
 
+def _scored_labels(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positives as bool), both non-empty 1-d arrays of one shape, else ValueError."""
+    scores, positives = _as_1d("scores", scores), _as_1d("positives", positives).astype(bool)
+    if scores.shape != positives.shape:
+        raise ValueError(f"scores {scores.shape} and positives {positives.shape} differ in shape.")
+    return scores, positives
+
+
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for the boolean `positives` (Mann-Whitney).
 
@@ -40,9 +48,7 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     average ranks: the probability that a random positive scores above a random negative, ties
     counting 1/2. NaN when either class is empty.
     """
-    scores, positives = _as_1d("scores", scores), _as_1d("positives", positives).astype(bool)
-    if scores.shape != positives.shape:
-        raise ValueError(f"scores {scores.shape} and positives {positives.shape} differ in shape.")
+    scores, positives = _scored_labels(scores, positives)
     num_pos = int(positives.sum())
     num_neg = positives.size - num_pos
     if num_pos == 0 or num_neg == 0:
@@ -55,9 +61,7 @@ def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np
     """(false positive rate, true positive rate) of "score >= t" for every distinct score t,
     from the highest threshold down, preceded by (0, 0): the ROC curve, whose trapezoidal area
     is `auroc`. Positives are the class expected to score high (in-distribution, correct)."""
-    scores, positives = _as_1d("scores", scores), _as_1d("positives", positives).astype(bool)
-    if scores.shape != positives.shape:
-        raise ValueError(f"scores {scores.shape} and positives {positives.shape} differ in shape.")
+    scores, positives = _scored_labels(scores, positives)
     if positives.all() or not positives.any():
         raise ValueError("An ROC curve needs both positives and negatives.")
     thresholds, inverse = np.unique(-scores.astype(np.float64), return_inverse=True)
