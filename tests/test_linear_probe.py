@@ -146,6 +146,30 @@ def test_random_init_and_online_mode(saved, result, tmp_path):
     assert 0.0 <= online["top1"] <= online["top5"] <= 100.0
 
 
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_local_val_evaluation_never_reads_val(saved, mode, monkeypatch):
+    """eval_split="local_val": the result is the best sweep head on the 20% local split of train;
+    no val image goes through the encoder."""
+    workdir, _ = saved
+    seen = []
+    extract = encoder.centre_crop_features
+    monkeypatch.setattr(encoder, "centre_crop_features", lambda model, variables, examples, **kw: (
+        seen.extend(str(n) for n in examples.file_names), extract(model, variables, examples,
+                                                                   **kw))[1])
+    local = probe.run(workdir, _config(eval_split="local_val", lr_sweep=(0.4, 1.6), mode=mode,
+                                       num_epochs=2 if mode == "online" else 10))
+    assert seen and not any(name.startswith("val/") for name in seen)
+    assert local["output"] == os.path.join(workdir, "probe_local_val.json")
+    assert local["eval_split"] == "local_val"
+    assert local["top1"] == max(local["lr_sweep_local_val_top1"].values())
+    with np.load(local["predictions"]) as data:
+        names = list(data["file_names"])
+    assert len(names) == local["num_val"] and local["num_train"] + local["num_val"] == 32
+    assert all(name.startswith("train/") for name in names)
+    with pytest.raises(ValueError, match="lr_sweep"):
+        probe.run(workdir, _config(eval_split="local_val", lr_sweep=()))
+
+
 def test_analyze_kappa_reads_the_probe_predictions(saved, result, tmp_path):
     workdir, _ = saved
     summary = kappa_report.analyze(workdir, output_dir=str(tmp_path), num_images=4)

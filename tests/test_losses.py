@@ -11,8 +11,8 @@ from vi_simsiam_jax import losses, models
 from vi_simsiam_jax import power_spherical as ps
 
 # Jitted: one small compile per shape instead of one per op (eager); validation runs at trace time.
-_vi_loss = jax.jit(losses.vi_simsiam_loss)
-_ss_loss = jax.jit(losses.simsiam_loss)
+_vi_loss = jax.jit(losses.vi_simsiam_loss, static_argnames="reduction")
+_ss_loss = jax.jit(losses.simsiam_loss, static_argnames="reduction")
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
@@ -52,24 +52,38 @@ def test_two_view_losses_match_references():
     expected = -0.5 * (_cos(mus[0], zs[1]).mean() + _cos(mus[1], zs[0]).mean())
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     loss, _ = _vi_loss(mus, kappas, zs)
-    # Alg. 1: L = -p1.log_prob(z2) - p2.log_prob(z1); ours is L.mean() / 2.
+    # Alg. 1: L = -p1.log_prob(z2) - p2.log_prob(z1); L.mean(). "mean" over pairs halves it.
     m, k, z = (np.asarray(a, np.float64) for a in (mus, kappas, zs))
     alg1 = -_ps_log_prob_np(z[1], m[0], k[0]) - _ps_log_prob_np(z[0], m[1], k[1])
-    np.testing.assert_allclose(loss, alg1.mean() / 2, rtol=1e-5)
+    np.testing.assert_allclose(loss, alg1.mean(), rtol=1e-5)
+    np.testing.assert_allclose(_vi_loss(mus, kappas, zs, reduction="mean")[0], alg1.mean() / 2,
+                               rtol=1e-5)
 
 
-def test_multi_view_loss_is_mean_over_pairs():
+def test_multi_view_loss_reductions_over_pairs():
+    """Eq. 12 sums VI-SimSiam's P = 2 (5 - 1) pairs; SimSiam averages them; either can be
+    forced, also through ssl_loss's reduction."""
     mus, kappas, zs = _views(5, batch=3, dim=8, seed=1)
     targets = zs[:2]
-    loss, _ = _vi_loss(mus, kappas, targets)
     m, k, z = (np.asarray(a, np.float64) for a in (mus, kappas, targets))
-    terms = [-_ps_log_prob_np(z[j], m[i], k[i]).mean()
-             for j in range(2) for i in range(5) if i != j]
-    assert len(terms) == 2 * (5 - 1)
-    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
-    loss, _ = _ss_loss(mus, targets)
-    terms = [-_cos(m[i], z[j]).mean() for j in range(2) for i in range(5) if i != j]
-    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+    vi_terms = [-_ps_log_prob_np(z[j], m[i], k[i]).mean()
+                for j in range(2) for i in range(5) if i != j]
+    ss_terms = [-_cos(m[i], z[j]).mean() for j in range(2) for i in range(5) if i != j]
+    assert len(vi_terms) == 2 * (5 - 1)
+    np.testing.assert_allclose(_vi_loss(mus, kappas, targets)[0], np.sum(vi_terms), rtol=1e-5)
+    np.testing.assert_allclose(_vi_loss(mus, kappas, targets, reduction="mean")[0],
+                               np.mean(vi_terms), rtol=1e-5)
+    np.testing.assert_allclose(_ss_loss(mus, targets)[0], np.mean(ss_terms), rtol=1e-5)
+    np.testing.assert_allclose(_ss_loss(mus, targets, reduction="sum")[0], np.sum(ss_terms),
+                               rtol=1e-5)
+    outputs = [losses.SiameseOutput(features=mu, z=mu, mu=mu, kappa=kappa)
+               for mu, kappa in zip(mus, kappas)]
+    for method, terms in (("vi_simsiam", vi_terms), ("simsiam", ss_terms)):
+        for reduction, expected in (("mean", np.mean(terms)), ("sum", np.sum(terms))):
+            loss, _ = losses.ssl_loss(method, outputs, targets, reduction)
+            np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.ssl_loss("simsiam", outputs, targets, "max")
 
 
 def test_view_pairs():
@@ -119,7 +133,7 @@ def test_constant_kappa_reduces_to_cosine_objective(kappa):
     for seed in range(3):
         mus, _, zs = _views(3, batch=4, dim=dim, seed=10 + seed)
         kappas = [jnp.full((4,), kappa, jnp.float32)] * 3
-        loss, _ = _vi_loss(mus, kappas, zs[:2])
+        loss, _ = _vi_loss(mus, kappas, zs[:2], reduction="mean")
         mean_log1p = np.mean([np.log1p(_cos(mus[i], zs[j]))
                               for j in range(2) for i in range(3) if i != j])
         losses_and_sums.append((float(loss), mean_log1p))
@@ -139,7 +153,7 @@ def test_constant_kappa_reduces_to_cosine_objective(kappa):
         return -kappa * jnp.mean(jnp.stack([jnp.log1p(jnp.sum(m[i] * z[j], -1))
                                             for j in range(2) for i in range(3) if i != j]))
 
-    g_loss = jax.jit(jax.grad(lambda m: _vi_loss(m, kappas, zs[:2])[0]))(mus)
+    g_loss = jax.jit(jax.grad(lambda m: _vi_loss(m, kappas, zs[:2], reduction="mean")[0]))(mus)
     g_ref = jax.jit(jax.grad(cosine_objective))(mus)
     for a, b_ in zip(g_loss, g_ref):
         np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6 * kappa)

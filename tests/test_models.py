@@ -200,32 +200,83 @@ def _tiny_setup(method="vi_simsiam"):
     return net, _random_variables(net, views[0].shape), views
 
 
-def test_forward_views_groups_same_size_views():
+def _assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _slices(outputs, size):
+    return [jax.tree.map(lambda a, s=s: a[s:s + size], out) for out in outputs
+            for s in (0, size)]
+
+
+def test_forward_views_separate_equals_one_pass_per_view():
+    """bn_views="separate" (default): the same outputs and running averages as four forward
+    passes, one per view, each with its own BN statistics (SimSiam's code). In float64, to
+    roundoff: in float32 the 4-image BN statistics amplify roundoff to ~1e-4."""
     net, variables, views = _tiny_setup()
-    outs, state = _run(net, variables, views, True, models.SiameseNet.forward_views)
-    assert len(outs) == 4
-    # Equivalent to one call per size group, BN running averages chained from group to group.
+    with jax.enable_x64(True):
+        net = net.clone(dtype=jnp.float64)
+        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        views = [jnp.asarray(v, jnp.float64) for v in views]
+        outs, state = _run(net, variables, views, True, models.SiameseNet.forward_views)
+        assert len(outs) == 4
+        refs, stats = [], {"batch_stats": variables["batch_stats"]}
+        for view in views:
+            ref, stats = _run(net, {"params": variables["params"], **stats}, view, True)
+            refs.append(ref)
+        for out, ref in zip(outs, refs):
+            _assert_trees_close(out, ref, rtol=1e-10, atol=1e-12)
+        _assert_trees_close(state, stats, rtol=1e-10, atol=1e-12)
+        targets, _ = _run(net, variables, views[:2], True, models.SiameseNet.forward_views,
+                          predict=False)
+        assert targets[1].mu is None and targets[1].z.dtype == jnp.float64
+        np.testing.assert_allclose(targets[1].z, refs[1].z, rtol=1e-10, atol=1e-12)
+        # In eval mode the grouping does not matter.
+        evals = _run(net, variables, views, False, models.SiameseNet.forward_views)
+        alone = _run(net, variables, views[2], False)
+        np.testing.assert_allclose(evals[2].mu, alone.mu, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_views_joint_shares_statistics_per_size():
+    """bn_views="joint": one pass per crop size on the concatenated views (SwAV/DINO)."""
+    net, variables, views = _tiny_setup()
+    joint = net.clone(bn_views="joint")
+    outs, state = _run(joint, variables, views, True, models.SiameseNet.forward_views)
     ref_global, st = _run(net, variables, jnp.concatenate(views[:2]), True)
     ref_local, st = _run(net, {"params": variables["params"], **st}, jnp.concatenate(views[2:]),
                          True)
-    refs = [jax.tree.map(lambda a, s=s: a[s:s + 4], r) for r in (ref_global, ref_local)
-            for s in (0, 4)]
-    for out, ref in zip(outs, refs):
-        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(st)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # Without concatenation each view has its own batch statistics, so outputs differ.
-    separate, _ = _run(net, variables, views[:2], True, models.SiameseNet.forward_views,
-                       predict=False, concat_same_size=False)
-    alone, _ = _run(net, variables, views[1], True)
-    np.testing.assert_allclose(separate[1].z, alone.z, rtol=1e-5, atol=1e-6)
-    assert separate[1].mu is None
-    assert not np.allclose(outs[1].z, alone.z, atol=1e-3)
-    # In eval mode the grouping does not matter.
-    evals = _run(net, variables, views, False, models.SiameseNet.forward_views)
-    alone = _run(net, variables, views[2], False)
-    np.testing.assert_allclose(evals[2].mu, alone.mu, rtol=1e-5, atol=1e-6)
+    for out, ref in zip(outs, _slices((ref_global, ref_local), 4)):
+        _assert_trees_close(out, ref)
+    _assert_trees_close(state, st)
+    separate, _ = _run(net, variables, views, True, models.SiameseNet.forward_views)
+    assert not np.allclose(outs[1].z, separate[1].z, atol=1e-3)
+    with pytest.raises(ValueError, match="bn_views"):
+        _run(net.clone(bn_views="shared"), variables, views, True,
+             models.SiameseNet.forward_views)
+
+
+def test_batch_norm_matches_torch_formulas():
+    """Per-view statistics and PyTorch's running averages, written out: normalisation with the
+    biased variance, running variance updated with the unbiased one, once per view in order."""
+    x = _normal((6, 3, 3, 5), seed=3) * 2.0 + 1.0
+    bn = models.BatchNorm(use_running_average=False, views=2)
+    variables = bn.init(jax.random.key(0), x)
+    y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    x64 = np.asarray(x, np.float64)
+    mean, var = np.zeros(5), np.ones(5)
+    for rows in (slice(0, 3), slice(3, 6)):
+        flat = x64[rows].reshape(-1, 5)
+        m, v = flat.mean(0), flat.var(0)
+        np.testing.assert_allclose(y[rows], (x64[rows] - m) / np.sqrt(v + 1e-5), rtol=1e-4,
+                                   atol=1e-5)
+        mean = 0.9 * mean + 0.1 * m
+        var = 0.9 * var + 0.1 * flat.var(0, ddof=1)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], var, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not split into 4 views"):
+        models.BatchNorm(use_running_average=False, views=4).apply(variables, x,
+                                                                  mutable=["batch_stats"])
 
 
 def test_batch_norm_statistics_shared_across_devices():
@@ -248,6 +299,21 @@ def test_batch_norm_statistics_shared_across_devices():
     out, state = step(variables, x.reshape(n, 2, 8, 8, 3))
     np.testing.assert_allclose(out.z.reshape(2 * n, -1), ref.z, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(out.kappa.reshape(-1), ref.kappa, rtol=1e-3, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
+
+    # Two views per device shard (view 0 then view 1): per-view statistics over all devices.
+    views = [x, _normal((2 * n, 8, 8, 3), seed=6)]
+    ref_views, ref_state = _run(single, variables, views, True, models.SiameseNet.forward_views)
+
+    @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
+    def views_step(v, xs):
+        return multi.apply(v, list(xs), True, method=models.SiameseNet.forward_views,
+                           mutable=["batch_stats"])
+
+    outs, state = views_step(variables, jnp.stack([a.reshape(n, 2, 8, 8, 3) for a in views], 1))
+    for out, ref in zip(outs, ref_views):
+        np.testing.assert_allclose(out.z.reshape(2 * n, -1), ref.z, rtol=1e-3, atol=1e-4)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
 

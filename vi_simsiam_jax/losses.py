@@ -6,14 +6,18 @@ in SwAV/DINO multi-crop: local views are never targets. The loss runs over the o
 (i, j) with j < G, i < M, i != j (the i = j terms are dropped, as Sec. 4 suggests), i.e.
 P = G (M - 1) pairs.
 
-Normalisation: the mean over the P pairs and the batch. For M = 2 this is
-  SimSiam:     (D(p1, z2) + D(p2, z1)) / 2 with D = -cos, exactly SimSiam's loss;
-  VI-SimSiam:  L.mean() / 2 for Alg. 1's L = -p1.log_prob(z2) - p2.log_prob(z1),
-i.e. Eq. 12 (a sum over pairs) divided by P and averaged over the batch.
+Reduction over pairs ("paper", the default, follows each paper; always the mean over the batch):
+  SimSiam:     the mean over the P pairs; for M = 2, (D(p1, z2) + D(p2, z1)) / 2 with D = -cos,
+               exactly SimSiam's loss (Eq. 1);
+  VI-SimSiam:  the sum over the P pairs (Eq. 12); for M = 2, Alg. 1's
+               L = -p1.log_prob(z2) - p2.log_prob(z1), L.mean().
+"mean" or "sum" forces one for both methods. The effective step size follows: VI-SimSiam's
+"sum" gradient is P times its "mean" gradient (P = 2 for two views, 10 for the paper's 2 + 4
+crops), so at one learning rate "sum" takes P times larger steps against the same weight decay.
 
 Targets are l2-normalised onto the unit sphere and their gradient is stopped inside the losses, so
 the caller may pass raw projections z (the stop-gradient or EMA target network's output).
-Everything is computed in float32.
+Everything is computed in float32 (float64 inputs stay float64).
 """
 
 from typing import Sequence
@@ -25,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vi_simsiam_jax import power_spherical
-from vi_simsiam_jax.power_spherical import l2_normalize
+from vi_simsiam_jax.power_spherical import at_least_float32, l2_normalize
 
 Array = jax.Array
+REDUCTIONS = ("paper", "mean", "sum")
 
 
 @flax.struct.dataclass
@@ -59,8 +64,8 @@ def _paired(predictions: Sequence[Array], targets: Sequence[Array]
             ) -> tuple[Array, Array, Array, np.ndarray]:
     """Stacks and validates; returns mu (P, B, d), unit targets (P, B, d), unit targets (G, B, d),
     and the prediction-view index of every pair."""
-    mu = l2_normalize(jnp.stack(list(predictions)).astype(jnp.float32))
-    z = l2_normalize(jax.lax.stop_gradient(jnp.stack(list(targets)).astype(jnp.float32)))
+    mu = l2_normalize(at_least_float32(jnp.stack(list(predictions))))
+    z = l2_normalize(jax.lax.stop_gradient(at_least_float32(jnp.stack(list(targets)))))
     chex.assert_rank([mu, z], 3)
     chex.assert_equal_shape_suffix([mu, z], 2)
     i_idx, j_idx = view_pairs(mu.shape[0], z.shape[0])
@@ -74,21 +79,33 @@ def _diagnostics(mu_pairs: Array, z_pairs: Array, z: Array) -> dict[str, Array]:
     return {"cosine": jnp.mean(jnp.sum(mu_pairs * z_pairs, axis=-1)), "z_std": z_std}
 
 
-def simsiam_loss(predictions: Sequence[Array], targets: Sequence[Array]
+def _reduce(per_pair_and_example: Array, reduction: str) -> Array:
+    """(P, B) -> scalar: mean over the batch, then "mean" or "sum" over the P pairs."""
+    per_pair = jnp.mean(per_pair_and_example, axis=1)
+    if reduction == "mean":
+        return jnp.mean(per_pair)
+    if reduction == "sum":
+        return jnp.sum(per_pair)
+    raise ValueError(f'reduction must be "mean" or "sum", got {reduction!r}.')
+
+
+def simsiam_loss(predictions: Sequence[Array], targets: Sequence[Array], reduction: str = "mean"
                  ) -> tuple[Array, dict[str, Array]]:
-    """Symmetric negative cosine (Eq. 1): mean over pairs and batch of -cos(p_i, stopgrad(z_j)).
+    """Symmetric negative cosine (Eq. 1): -cos(p_i, stopgrad(z_j)), mean over the batch and
+    (default, SimSiam's) mean over the pairs, or "sum" over them.
 
     predictions: M arrays (B, d), one per view (global first); targets: G <= M arrays (B, d), the
     projections of the global views. Returns (loss, diagnostics).
     """
     mu_p, z_p, z, _ = _paired(predictions, targets)
     cos = jnp.sum(mu_p * z_p, axis=-1)
-    return -jnp.mean(cos), _diagnostics(mu_p, z_p, z)
+    return _reduce(-cos, reduction), _diagnostics(mu_p, z_p, z)
 
 
-def vi_simsiam_loss(mus: Sequence[Array], kappas: Sequence[Array], targets: Sequence[Array]
-                    ) -> tuple[Array, dict[str, Array]]:
-    """VI-SimSiam (Eq. 12): mean over pairs and batch of -log PS(stopgrad(z_j); mu_i, kappa_i).
+def vi_simsiam_loss(mus: Sequence[Array], kappas: Sequence[Array], targets: Sequence[Array],
+                    reduction: str = "sum") -> tuple[Array, dict[str, Array]]:
+    """VI-SimSiam (Eq. 12, Alg. 1): -log PS(stopgrad(z_j); mu_i, kappa_i), mean over the batch
+    and (default, Eq. 12's) sum over the pairs, or "mean" over them.
 
     mus: M arrays (B, d) (normalised here if they are not unit already); kappas: M arrays (B,);
     targets: G <= M arrays (B, d) of global-view projections. With a constant kappa this is
@@ -96,21 +113,26 @@ def vi_simsiam_loss(mus: Sequence[Array], kappas: Sequence[Array], targets: Sequ
     Returns (loss, diagnostics incl. kappa mean/min/max/std over all views and the batch).
     """
     mu_p, z_p, z, i_idx = _paired(mus, targets)
-    kappa = jnp.stack(list(kappas)).astype(jnp.float32)
+    kappa = at_least_float32(jnp.stack(list(kappas)))
     chex.assert_shape(kappa, (len(mus), mu_p.shape[1]))
     nll = -power_spherical.log_prob(z_p, mu_p, kappa[i_idx])
     metrics = _diagnostics(mu_p, z_p, z)
     metrics.update(kappa_mean=jnp.mean(kappa), kappa_min=jnp.min(kappa),
                    kappa_max=jnp.max(kappa), kappa_std=jnp.std(kappa))
-    return jnp.mean(nll), metrics
+    return _reduce(nll, reduction), metrics
 
 
-def ssl_loss(method: str, outputs: Sequence[SiameseOutput], targets: Sequence[Array]
-             ) -> tuple[Array, dict[str, Array]]:
+def ssl_loss(method: str, outputs: Sequence[SiameseOutput], targets: Sequence[Array],
+             reduction: str = "paper") -> tuple[Array, dict[str, Array]]:
     """Dispatches on method ("simsiam" | "vi_simsiam") using the per-view outputs' mu (and kappa);
-    targets as from models.target_projections (global views only)."""
+    targets as from models.target_projections (global views only); reduction over pairs one of
+    REDUCTIONS ("paper": each method's own, see the module docstring)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if method == "simsiam":
-        return simsiam_loss([o.mu for o in outputs], targets)
+        return simsiam_loss([o.mu for o in outputs], targets,
+                            "mean" if reduction == "paper" else reduction)
     if method == "vi_simsiam":
-        return vi_simsiam_loss([o.mu for o in outputs], [o.kappa for o in outputs], targets)
+        return vi_simsiam_loss([o.mu for o in outputs], [o.kappa for o in outputs], targets,
+                               "sum" if reduction == "paper" else reduction)
     raise ValueError(f"method must be 'simsiam' or 'vi_simsiam', got {method!r}.")

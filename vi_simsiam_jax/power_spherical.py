@@ -32,6 +32,11 @@ Array = jax.Array
 _STIRLING_MIN = 8.0
 
 
+def at_least_float32(x: Array) -> Array:
+    """x in float32, or kept in float64 if it is (the losses' precision; tests run float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
     """x / max(|x|, eps) along axis: the projection onto the unit sphere
     (torch.nn.functional.normalize); finite gradient at x = 0."""

@@ -52,15 +52,16 @@ def _module_name(path: tuple[str, ...]) -> str:
     raise ValueError(f"No PyTorch name for parameter {'/'.join(path)}.")
 
 
-def torch_state_dict(variables: dict[str, Any], step: int) -> dict[str, np.ndarray]:
-    """{"params", "batch_stats"} of a SiameseNet -> PyTorch state_dict arrays (float32, int64
+def torch_state_dict(variables: dict[str, Any], step: int, dtype: Any = np.float32
+                     ) -> dict[str, np.ndarray]:
+    """{"params", "batch_stats"} of a SiameseNet -> PyTorch state_dict arrays (`dtype`, int64
     num_batches_tracked), named as in the module docstring."""
     state = {}
     for collection in ("params", "batch_stats"):
         flat = traverse_util.flatten_dict(variables[collection])
         for path, value in flat.items():
             module, leaf = _module_name(path[:-1]), path[-1]
-            value = np.asarray(value, np.float32)
+            value = np.asarray(value, dtype)
             if leaf == "kernel":
                 value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
                 state[f"{module}.weight"] = value

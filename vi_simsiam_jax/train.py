@@ -29,15 +29,16 @@ def _global_norm(tree: Any) -> Array:
 
 def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
                model: models.SiameseNet, method: str, global_crops: int, target: str,
-               ema_decay_fn: optax.Schedule, learning_rate_fn: optax.Schedule
-               ) -> tuple[TrainState, dict[str, Array]]:
+               loss_reduction: str, ema_decay_fn: optax.Schedule,
+               learning_rate_fn: optax.Schedule) -> tuple[TrainState, dict[str, Array]]:
     """One SGD step on this device's shard of the views, inside pmap(axis_name=AXIS_NAME);
     gradients and metrics are averaged over `model.axis_name` (none: a single device).
 
     batch: the views (B_local, H, W, 3), the `global_crops` global crops first. rng: this step's
     key, handed to the model as its "dropout" stream (the default model is deterministic).
     method: "simsiam" | "vi_simsiam"; target: "stopgrad" | "ema" (decay `ema_decay_fn(step)`),
-    see `models.target_projections`. Returns the new state and metrics averaged over devices.
+    see `models.target_projections`; loss_reduction over the view pairs: "paper" | "mean" | "sum"
+    (`losses.ssl_loss`). Returns the new state and metrics averaged over devices.
     If the loss or any gradient is not finite, the state is returned unchanged and
     metrics["finite"] is 0, so no NaN ever reaches the parameters.
     """
@@ -49,7 +50,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
                                        method=models.SiameseNet.forward_views)
         targets = models.target_projections(model, outputs, list(batch[:global_crops]), True,
                                             target, state.target_variables)
-        loss, diagnostics = losses.ssl_loss(method, outputs, targets)
+        loss, diagnostics = losses.ssl_loss(method, outputs, targets, loss_reduction)
         return loss, (updates["batch_stats"], diagnostics)
 
     (loss, (batch_stats, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -87,6 +88,7 @@ def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDic
     state argument is donated."""
     step = functools.partial(train_step, model=model, method=config.method,
                              global_crops=config.global_crops, target=config.target,
+                             loss_reduction=config.loss_reduction,
                              ema_decay_fn=ema_decay_schedule(config, steps_per_epoch),
                              learning_rate_fn=learning_rate_schedule(config, steps_per_epoch))
     return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))

@@ -39,12 +39,17 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     # (BYOL / VI-BYOL): decay ema_decay, raised to 1 over training by a cosine (BYOL's
     # schedule) or kept "constant".
     config.method = method
+    # Reduction of the loss over the view pairs: "paper" = VI-SimSiam's sum (Eq. 12, Alg. 1) and
+    # SimSiam's mean (Eq. 1), or "mean" / "sum" for both (vi_simsiam_jax.losses).
+    config.loss_reduction = "paper"
     config.target = "stopgrad"
     config.ema_decay = 0.996
     config.ema_schedule = "cosine"
+    # bn_views: "separate" BatchNorm statistics per view (SimSiam's code) or "joint" among the
+    # same-size views (SwAV/DINO multi-crop); vi_simsiam_jax.models.
     config.model = ml_collections.ConfigDict(dict(
         stem="imagenet", width=64, zero_init_residual=True, proj_hidden_dim=2048, dim=2048,
-        pred_dim=512, kappa_map="softplus", kappa_min=1.0))
+        pred_dim=512, kappa_map="softplus", kappa_min=1.0, bn_views="separate"))
     # Convolution and pooling: "auto" (the XLA:CPU plans of vi_simsiam_jax.cpu on the CPU,
     # XLA's own elsewhere) or "xla" (XLA's own everywhere). Same parameters and values.
     config.conv = "auto"

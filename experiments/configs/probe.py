@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
+    # "val": head fit on all of train, scored on val (the reported number); "local_val": the
+    # best sweep head's score on the local split, val never read (to choose hyper-parameters).
+    config.eval_split = "val"
     # Features: "cached" (extracted once) or "online" (encoder run on every training batch).
     config.mode = "cached"
     # Cached mode: 0 = centre crop of each training image; K > 0 = K random-resized-crop + flip

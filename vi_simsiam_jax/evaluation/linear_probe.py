@@ -6,7 +6,9 @@ bias; cross-entropy; LARS (lr 1.6, momentum 0.9, weight decay 0, trust coefficie
 cosine decay, batch 512; random-resized-crop + flip for training, resize + centre crop for
 evaluation. By default a BatchNorm without affine parameters precedes the fc (MoCo v3 / MAE).
 The learning rate is chosen among config.lr_sweep on the paper's local split (80% of train to
-fit, 20% to score, Sec. 6.1); the final head is fit on all of train and evaluated on val.
+fit, 20% to score, Sec. 6.1); the final head is fit on all of train and evaluated on val. With
+config.eval_split="local_val" val is never read: the result is the best sweep head's top-1 on
+local_val (and kNN from local_train), the score for choosing pretraining hyper-parameters.
 
 Modes (see experiments/configs/probe.py):
 - "cached" (default, fast): the encoder runs once per image (the centre crop, or `train_views`
@@ -43,6 +45,7 @@ from vi_simsiam_jax.evaluation import encoder, knn
 
 Array = jax.Array
 MODES = ("cached", "online")
+EVAL_SPLITS = ("val", "local_val")
 PREDICTIONS_SUFFIX = "_predictions.npz"
 HEAD_PREFIX = "head/"  # names of the fitted head's variables in the predictions file
 
@@ -173,9 +176,11 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {f"top{k}": float(100.0 * topk_correct(logits, labels, k).mean()) for k in (1, 5)}
 
 
-def default_output(workdir: str, step: int | None = None, random_init: bool = False) -> str:
-    """workdir/probe[_random_init][_step<N>].json."""
-    name = "probe" + ("_random_init" if random_init else "")
+def default_output(workdir: str, step: int | None = None, random_init: bool = False,
+                   eval_split: str = "val") -> str:
+    """workdir/probe[_local_val][_random_init][_step<N>].json."""
+    name = "probe" + ("_local_val" if eval_split == "local_val" else "")
+    name += "_random_init" if random_init else ""
     name += f"_step{step}" if step is not None else ""
     return os.path.join(workdir, name + ".json")
 
@@ -203,6 +208,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first probe config field with an invalid value."""
     checks = [
         ("mode", config.mode in MODES, f"one of {MODES}"),
+        ("eval_split", config.eval_split in EVAL_SPLITS, f"one of {EVAL_SPLITS}"),
+        ("lr_sweep", config.eval_split == "val" or len(config.lr_sweep) > 0,
+         'non-empty with eval_split="local_val" (the sweep is the evaluation)'),
         ("train_views", config.train_views >= 0, ">= 0"),
         ("train_views", config.mode == "cached" or config.train_views == 0,
          "0 in online mode (views are drawn fresh every step)"),
@@ -246,12 +254,15 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
 
     step: checkpoint step (default: newest). random_init: probe the untrained encoder instead
     (the lower anchor). The learning rate is the best of config.lr_sweep by top-1 on local_val
-    after a fit on local_train (config.learning_rate if the sweep is empty). output: JSON path
+    after a fit on local_train (config.learning_rate if the sweep is empty). With
+    config.eval_split="val" a head fit on all of train is scored on val; with "local_val" the
+    best sweep head's local_val score is the result and val is not read. output: JSON path
     (default `default_output(...)`).
     """
     start = time.perf_counter()
     validate_config(config)
-    output = output or default_output(workdir, step, random_init)
+    local_only = config.eval_split == "local_val"
+    output = output or default_output(workdir, step, random_init, config.eval_split)
     pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
         workdir, step, random_init)
     image_size = config.image_size or pretrain_config.global_size
@@ -262,7 +273,6 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     tic = time.perf_counter()
     centre = functools.partial(encoder.centre_crop_features, model, variables,
                                batch_size=config.extract_batch_size, image_size=image_size)
-    val = centre(val_examples)
     train_centre = centre(train_examples) if config.mode == "cached" else None
     if config.mode == "cached":
         train_rows = (encoder.augmented_features(model, variables, train_examples, config,
@@ -273,6 +283,12 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
         train_rows = None
         local_val_rows = (centre(train_examples.subset(local_val)) if config.lr_sweep
                           else None)
+    if local_only:  # rows indexed in train (cached) or in its local_val subset (online)
+        val = local_val_rows
+        val_examples = (train_examples if train_centre is not None
+                        else train_examples.subset(local_val))
+    else:
+        val = centre(val_examples)
     feature_dim = val.features.shape[1]
     times["extract"] = time.perf_counter() - tic
 
@@ -294,30 +310,39 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
                                config)
 
     tic = time.perf_counter()
-    sweep = {}
+    sweep, sweep_fits = {}, {}
     for learning_rate in config.lr_sweep:
         head = fit(learning_rate, ~local_val)
         logits = np.asarray(head_logits(head, local_val_rows.features))
         top1 = accuracy(logits, local_val_rows.labels)["top1"]
         sweep[float(learning_rate)] = top1
+        if local_only:
+            sweep_fits[float(learning_rate)] = head, logits
         logging.info("lr %g: local_val top-1 %.2f%%", learning_rate, top1)
     best_lr = max(sweep, key=sweep.get) if sweep else config.learning_rate
     times["sweep"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    head = fit(best_lr, np.ones(len(train_examples), bool))
-    logits = np.asarray(head_logits(head, val.features))
+    if local_only:
+        head, logits = sweep_fits[best_lr]
+    else:
+        head = fit(best_lr, np.ones(len(train_examples), bool))
+        logits = np.asarray(head_logits(head, val.features))
     times["fit"] = time.perf_counter() - tic
     result = {
         "workdir": os.path.abspath(workdir), "step": step, "random_init": random_init,
+        "eval_split": config.eval_split,
         "method": pretrain_config.method, "dataset": pretrain_config.dataset,
         **accuracy(logits, val.labels), "top5_k": min(5, num_classes),
         "learning_rate": best_lr, "lr_sweep_local_val_top1": {str(k): v for k, v in sweep.items()},
-        "image_size": image_size, "feature_dim": feature_dim, "num_train": len(train_examples),
-        "num_val": len(val_examples), "num_classes": num_classes,
+        "image_size": image_size, "feature_dim": feature_dim,
+        "num_train": int((~local_val).sum()) if local_only else len(train_examples),
+        "num_val": len(val.labels), "num_classes": num_classes,
     }
     if train_centre is not None:
-        result["knn_top1"] = _knn_top1(train_centre, val, num_classes, config)
+        knn_train = train_centre.subset(~local_val[train_centre.index]) if local_only else (
+            train_centre)
+        result["knn_top1"] = _knn_top1(knn_train, val, num_classes, config)
     times["total"] = time.perf_counter() - start
     result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
                   predictions=predictions_path(output))

@@ -1,0 +1,238 @@
+"""Step-for-step parity with PyTorch (float64): torchvision's resnet18 loaded from our export
+computes our features on real ImageNette images, and PyTorch SimSiam / VI-SimSiam (torchvision
+resnet18 + the reference's heads, one forward pass per view, torch SGD, SimSiam's and Alg. 1's
+losses) trained for 10 steps from our initial weights on our batches match `train.train_step`:
+per-step losses and final parameters and BN running averages."""
+
+import math
+import pathlib
+import sys
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from experiments.configs import paper
+from vi_simsiam_jax import datasets, models, train, train_state
+from vi_simsiam_jax.torch_export import torch_state_dict
+
+
+def _import_torchvision():
+    """torchvision; the package mirror's torchvision wheel is a CUDA build whose C ops do not
+    load next to CPU torch, and torchvision then fails on registering fakes for two of them.
+    Defining their schemas first lets the pure-Python models import (they use no C op)."""
+    try:
+        import torchvision
+    except RuntimeError:
+        for name in [n for n in sys.modules if n.startswith("torchvision")]:
+            del sys.modules[name]
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision
+    return torchvision
+
+
+torchvision = _import_torchvision()
+torch.set_default_dtype(torch.float64)
+STEPS = 10
+BATCH = 6
+
+
+def _imagenette_images(count: int, size: int) -> np.ndarray:
+    """The first `count` training JPEGs of the real ImageNette archive, centre-cropped and
+    resized to size x size, ImageNet-normalised: (count, size, size, 3) float64."""
+    archive = datasets.default_archive_dir() / "imagenette2-160.tgz"
+    if not archive.exists():
+        pytest.fail(f"the real dataset is missing: {archive}")
+    images = []
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if "/train/" in member.name and member.name.endswith(".JPEG"):
+                image = Image.open(tar.extractfile(member)).convert("RGB")
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                image = image.crop((left, top, left + side, top + side)).resize((size, size))
+                images.append(np.asarray(image, np.float64) / 255.0)
+                if len(images) == count:
+                    break
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return (np.stack(images) - mean) / std
+
+
+def _config(method: str, learning_rate: float) -> ml_collections.ConfigDict:
+    """Paper defaults (per-view BN, paper loss scale) on 2 global 32 px + 2 local 16 px views
+    and narrow heads; cosine decay over the STEPS steps."""
+    config = paper.get_config(f"imagenette,{method}")
+    config.global_size, config.local_crops, config.local_size = 32, 2, 16
+    config.model.update(proj_hidden_dim=32, dim=16, pred_dim=8)
+    config.num_epochs, config.learning_rate, config.weight_decay = 1, learning_rate, 1e-2
+    return config
+
+
+def _torch_model(config: ml_collections.ConfigDict, state: dict[str, np.ndarray]
+                 ) -> torch.nn.ModuleDict:
+    """torchvision resnet18 (fc removed) + the reference's projector and predictor, with our
+    exported weights."""
+    backbone = torchvision.models.resnet18(zero_init_residual=True)
+    backbone.fc = torch.nn.Identity()
+    hidden, dim, pred = config.model.proj_hidden_dim, config.model.dim, config.model.pred_dim
+    nn = torch.nn
+    projector = nn.Sequential(
+        nn.Linear(512, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+    predictor = nn.Sequential(
+        nn.Linear(dim, pred, bias=False), nn.BatchNorm1d(pred), nn.ReLU(),
+        nn.Linear(pred, dim + (config.method == "vi_simsiam")))
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor})
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+    for name, module in model.items():
+        heads = f"{name}." if name != "backbone" else None
+        part = {k[len(heads):] if heads else k: v for k, v in tensors.items()
+                if (k.startswith(heads) if heads else not k.startswith(("projector.",
+                                                                         "predictor.")))}
+        module.load_state_dict(part, strict=True)
+    return model.train()
+
+
+def _power_spherical_nll(mu, kappa, x):
+    """-log PS(x; mu, kappa) (De Cao & Aziz 2020), written with torch.lgamma."""
+    d = mu.shape[-1]
+    beta = (d - 1) / 2
+    alpha = beta + kappa
+    log_norm = -((alpha + beta) * math.log(2) + beta * math.log(math.pi)
+                 + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
+    return -(log_norm + kappa * torch.log1p((mu * x).sum(-1)))
+
+
+def _torch_loss(model, views, config):
+    """One forward pass per view; the loss over the ordered pairs (i, j != i) with a global
+    target j: SimSiam's mean of D over the pairs, VI-SimSiam's Alg. 1 / Eq. 12 sum of NLLs."""
+    outputs = []
+    for view in views:
+        z = model["projector"](model["backbone"](view))
+        outputs.append((z, model["predictor"](z)))
+    dim, terms = config.model.dim, []
+    for j in range(config.global_crops):
+        target = F.normalize(outputs[j][0].detach(), dim=-1)
+        for i, (_, p) in enumerate(outputs):
+            if i == j:
+                continue
+            mu = F.normalize(p[:, :dim], dim=-1)
+            if config.method == "simsiam":
+                terms.append(-(mu * target).sum(-1).mean())
+            else:
+                kappa = F.softplus(p[:, dim]) + 1.0
+                terms.append(_power_spherical_nll(mu, kappa, target).mean())
+    total = sum(terms)
+    return total / len(terms) if config.method == "simsiam" else total
+
+
+def _batches(config: ml_collections.ConfigDict) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [[rng.normal(size=shape) for shape in train_state.view_shapes(config, BATCH)]
+            for _ in range(STEPS)]
+
+
+def _train_jax(config, batches):
+    """STEPS steps of train.train_step in float64; initial and final variables, losses."""
+    with jax.enable_x64(True):
+        model = train_state.make_model(config, axis_name=None).clone(dtype=jnp.float64)
+        state = train_state.create_train_state(jax.random.key(config.seed), config, model, STEPS)
+        to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+        params = to64(state.params)
+        state = state.replace(params=params, batch_stats=to64(state.batch_stats),
+                              opt_state=state.tx.init(params))
+        initial = {"params": state.params, "batch_stats": state.batch_stats}
+        step = jax.jit(lambda s, b, r: train.train_step(
+            s, b, r, model=model, method=config.method, global_crops=config.global_crops,
+            target=config.target, loss_reduction=config.loss_reduction,
+            ema_decay_fn=train_state.ema_decay_schedule(config, STEPS),
+            learning_rate_fn=train_state.learning_rate_schedule(config, STEPS)))
+        step_losses = []
+        for batch in batches:
+            state, metrics = step(state, [jnp.asarray(v) for v in batch], jax.random.key(0))
+            assert metrics["finite"] == 1.0
+            step_losses.append(float(metrics["loss"]))
+        final = {"params": state.params, "batch_stats": state.batch_stats}
+        return (torch_state_dict(initial, 0, np.float64),
+                torch_state_dict(final, STEPS, np.float64), step_losses)
+
+
+def _train_torch(config, initial, batches):
+    """The same STEPS steps in PyTorch: SGD (momentum, coupled weight decay), cosine lr."""
+    model = _torch_model(config, initial)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    step_losses = []
+    for k, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * k / STEPS))
+        loss = _torch_loss(model, [torch.from_numpy(v.transpose(0, 3, 1, 2)) for v in batch],
+                           config)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step_losses.append(loss.item())
+    return model, step_losses
+
+
+def _torch_state(model: torch.nn.ModuleDict) -> dict[str, np.ndarray]:
+    state = {}
+    for name, module in model.items():
+        prefix = "" if name == "backbone" else f"{name}."
+        state.update({prefix + k: v.numpy() for k, v in module.state_dict().items()})
+    return state
+
+
+@pytest.mark.parametrize("method,learning_rate", [("simsiam", 0.5), ("vi_simsiam", 0.05)])
+def test_ten_steps_match_pytorch(method, learning_rate):
+    config = _config(method, learning_rate)
+    batches = _batches(config)
+    initial, final, losses = _train_jax(config, batches)
+    model, torch_losses = _train_torch(config, initial, batches)
+    np.testing.assert_allclose(losses, torch_losses, rtol=1e-9, atol=1e-11)
+    theirs = _torch_state(model)
+    assert theirs.keys() == final.keys()
+    moved = max(np.max(np.abs(final[k] - initial[k])) for k in final if "weight" in k)
+    assert moved > 1e-2, "the learning rate must move the parameters"
+    for name in final:
+        if not name.endswith("num_batches_tracked"):  # ours: steps; PyTorch's: passes
+            np.testing.assert_allclose(final[name], theirs[name], rtol=1e-8, atol=1e-10,
+                                       err_msg=name)
+
+
+def test_torchvision_resnet18_loads_the_export_and_gives_our_features():
+    """Our encoder and torchvision's resnet18 with the exported weights (strict=False: only
+    fc.* missing) agree on real ImageNette images, in float32, within 1e-4."""
+    config = paper.get_config("imagenette,vi_simsiam")
+    model = train_state.make_model(config, axis_name=None)
+    variables = jax.jit(lambda key, x: model.init(key, x, False))(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    # Non-trivial BN statistics and a non-zero residual branch, as after training.
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, a: (a * rng.uniform(0.5, 1.5, a.shape) + rng.uniform(0.0, 0.1, a.shape)
+                         ).astype(np.float32) if path[-1].key in ("scale", "bias", "mean", "var")
+        else a, variables)
+    images = _imagenette_images(8, 64).astype(np.float32)
+    ours = np.asarray(model.apply(variables, jnp.asarray(images), False, predict=False).features)
+    resnet = torchvision.models.resnet18()
+    state = torch_state_dict(variables, 0)
+    missing, unexpected = resnet.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in state.items()}, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    assert unexpected and all(k.startswith(("projector.", "predictor.")) for k in unexpected)
+    resnet.fc = torch.nn.Identity()
+    resnet = resnet.float().eval()
+    with torch.no_grad():
+        theirs = resnet(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    assert np.std(ours) > 0.1
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
