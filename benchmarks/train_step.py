@@ -23,8 +23,10 @@ same invocation: benchmarks/torch_train_step.py builds its model, optimiser and 
 steps, for --rounds rounds (JAX's speed on the 2-core machine drifts over tens of seconds, so
 both are timed step by step in the same stretches). `step_s` and `torch_step_s` are
 the medians of the single-step times, and the ratio is theirs.
-One difference in semantics: the JAX step concatenates same-size views into one batch, so
-BatchNorm statistics are shared among the views (train.py's choice); FLOPs are the same.
+Same semantics on both sides: every view has its own BatchNorm statistics (the default
+bn_views="separate"; the JAX step runs the convolutions once on the concatenated views, PyTorch
+once per view) and the loss is the reference's mean over the view pairs; FLOPs are the same.
+--bn_views=joint shares the statistics among the views instead (SwAV/DINO multi-crop).
 
 A pretraining config instead of the reference's shapes, and the real loop on it:
 
@@ -62,7 +64,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
-from vi_simsiam_jax import loop, train, train_state  # noqa: E402
+from vi_simsiam_jax import loop, models, train, train_state  # noqa: E402
 from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -77,6 +79,8 @@ flags.DEFINE_integer("views", 2, "Views per image (all global crops of image_siz
 flags.DEFINE_integer("dim", 2048, "Projection dimension (and projector hidden width).")
 flags.DEFINE_integer("pred_dim", 512, "Predictor hidden width.")
 flags.DEFINE_enum("stem", "imagenet", ["imagenet", "cifar"], "ResNet-18 stem.")
+flags.DEFINE_enum("bn_views", "separate", list(models.BN_VIEWS),
+                  "BatchNorm statistics per view (as the reference) or shared among the views.")
 flags.DEFINE_integer("steps", 5, "Timed steps per round, of each framework.")
 flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) steps; medians over every step.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps of each framework after its first (XLA:CPU's "
@@ -107,7 +111,8 @@ def bench_config():
     config.global_size = FLAGS.image_size
     config.batch_size = FLAGS.batch_size
     config.model.update(stem=FLAGS.stem, zero_init_residual=False, proj_hidden_dim=FLAGS.dim,
-                        dim=FLAGS.dim, pred_dim=FLAGS.pred_dim)
+                        dim=FLAGS.dim, pred_dim=FLAGS.pred_dim, bn_views=FLAGS.bn_views)
+    config.loss_reduction = "mean"  # the reference's scale
     return config
 
 
@@ -247,6 +252,7 @@ def main(argv: list[str]) -> None:
     result = {
         "impl": "jax", "method": config.method, "view_sizes": [v[1] for v in views],
         "batch_size": config.batch_size, "stem": config.model.stem,
+        "bn_views": config.model.bn_views,
         "conv": FLAGS.conv, "backend": jax.default_backend(), "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "huge_pages": CPU_SETUP.get("huge_pages"),
         "first_step_s": round(step.first_step_s, 3), "compile_s": round(step.compile_s, 3),

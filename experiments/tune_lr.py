@@ -5,9 +5,9 @@
 
 For every learning rate the config is pretrained in <workdir>/lr_<lr> (resuming), then linearly
 probed with eval_split="local_val": the head is fit on 80% of train and scored on the other 20%,
-and no val image is read. The random-init encoder is scored alike. The learning rate with the
-best local_val probe top-1 is chosen. Writes --output (JSON: every score, the choice, the
-configs and the git commit).
+and no val image is encoded or scored. The random-init encoder is scored alike. The learning
+rate with the best local_val probe top-1 is chosen. Writes --output (JSON: every score, the
+choice, the configs and the git commit).
 """
 
 from vi_simsiam_jax import launch
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     random_init = linear_probe.run(workdir, probe_config, random_init=True)
     chosen = max(scores, key=lambda text: scores[text]["top1"])
     report = {
-        "selection": "linear probe top-1 on local_val (20% of train); val not read",
+        "selection": "linear probe top-1 on local_val (20% of train); no val image encoded",
         "chosen_learning_rate": float(chosen), "local_val": scores,
         "random_init_local_val": {k: random_init.get(k) for k in _SCORES},
         "config": _CONFIG.value.to_dict(), "probe_config": probe_config.to_dict(),

@@ -1,9 +1,10 @@
 """Step-for-step parity with PyTorch (float64): torchvision's resnet18 loaded from our export
 computes our features on real ImageNette images, and PyTorch SimSiam / VI-SimSiam (torchvision
 resnet18 + the reference's heads, one forward pass per view, torch SGD, SimSiam's and Alg. 1's
-losses) trained for 10 steps from our initial weights on our batches match `train.train_step`:
-per-step losses and final parameters and BN running averages."""
+losses; VI-BYOL with BYOL's cosine EMA target) trained for 10 steps from our initial weights on
+our batches match `train.train_step`: per-step losses, final parameters and BN running averages."""
 
+import copy
 import math
 import pathlib
 import sys
@@ -66,10 +67,12 @@ def _imagenette_images(count: int, size: int) -> np.ndarray:
     return (np.stack(images) - mean) / std
 
 
-def _config(method: str, learning_rate: float) -> ml_collections.ConfigDict:
-    """Paper defaults (per-view BN, paper loss scale) on 2 global 32 px + 2 local 16 px views
-    and narrow heads; cosine decay over the STEPS steps."""
+def _config(method: str, learning_rate: float, target: str) -> ml_collections.ConfigDict:
+    """Paper defaults (per-view BN, paper loss scale, BYOL's EMA schedule) on 2 global 32 px +
+    2 local 16 px views and narrow heads; cosine decay over the STEPS steps. The EMA base decay
+    is 0.5, so that the target moves visibly within STEPS steps."""
     config = paper.get_config(f"imagenette,{method}")
+    config.target, config.ema_decay = target, 0.5
     config.global_size, config.local_crops, config.local_size = 32, 2, 16
     config.model.update(proj_hidden_dim=32, dim=16, pred_dim=8)
     config.num_epochs, config.learning_rate, config.weight_decay = 1, learning_rate, 1e-2
@@ -112,16 +115,22 @@ def _power_spherical_nll(mu, kappa, x):
     return -(log_norm + kappa * torch.log1p((mu * x).sum(-1)))
 
 
-def _torch_loss(model, views, config):
+def _torch_loss(model, target_model, views, config):
     """One forward pass per view; the loss over the ordered pairs (i, j != i) with a global
-    target j: SimSiam's mean of D over the pairs, VI-SimSiam's Alg. 1 / Eq. 12 sum of NLLs."""
+    target j: SimSiam's mean of D over the pairs, VI-SimSiam's Alg. 1 / Eq. 12 sum of NLLs.
+    Targets: the online projections, or target_model's (BYOL), gradient stopped."""
     outputs = []
     for view in views:
         z = model["projector"](model["backbone"](view))
         outputs.append((z, model["predictor"](z)))
+    targets = [z for z, _ in outputs[:config.global_crops]]
+    if target_model is not None:
+        with torch.no_grad():
+            targets = [target_model["projector"](target_model["backbone"](view))
+                       for view in views[:config.global_crops]]
     dim, terms = config.model.dim, []
     for j in range(config.global_crops):
-        target = F.normalize(outputs[j][0].detach(), dim=-1)
+        target = F.normalize(targets[j].detach(), dim=-1)
         for i, (_, p) in enumerate(outputs):
             if i == j:
                 continue
@@ -149,7 +158,8 @@ def _train_jax(config, batches):
         to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
         params = to64(state.params)
         state = state.replace(params=params, batch_stats=to64(state.batch_stats),
-                              opt_state=state.tx.init(params))
+                              opt_state=state.tx.init(params),
+                              target_variables=to64(state.target_variables))
         initial = {"params": state.params, "batch_stats": state.batch_stats}
         step = jax.jit(lambda s, b, r: train.train_step(
             s, b, r, model=model, method=config.method, global_crops=config.global_crops,
@@ -167,20 +177,37 @@ def _train_jax(config, batches):
 
 
 def _train_torch(config, initial, batches):
-    """The same STEPS steps in PyTorch: SGD (momentum, coupled weight decay), cosine lr."""
+    """The same STEPS steps in PyTorch: SGD (momentum, coupled weight decay), cosine lr; for
+    BYOL a target copy (batch statistics, running averages frozen: momentum 0) moved after
+    every step by tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2, parameters and averages."""
     model = _torch_model(config, initial)
+    target_model = None
+    if config.target == "ema":
+        target_model = torch.nn.ModuleDict({k: copy.deepcopy(model[k])
+                                            for k in ("backbone", "projector")})
+        for module in target_model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     step_losses = []
     for k, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * k / STEPS))
-        loss = _torch_loss(model, [torch.from_numpy(v.transpose(0, 3, 1, 2)) for v in batch],
-                           config)
+        views = [torch.from_numpy(v.transpose(0, 3, 1, 2)) for v in batch]
+        loss = _torch_loss(model, target_model, views, config)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         step_losses.append(loss.item())
+        if target_model is not None:
+            tau = 1 - (1 - config.ema_decay) * (math.cos(math.pi * k / STEPS) + 1) / 2
+            with torch.no_grad():
+                for name, module in target_model.items():
+                    online = model[name].state_dict()
+                    for key, value in module.state_dict().items():
+                        if value.is_floating_point():
+                            value.mul_(tau).add_((1 - tau) * online[key])
     return model, step_losses
 
 
@@ -192,9 +219,10 @@ def _torch_state(model: torch.nn.ModuleDict) -> dict[str, np.ndarray]:
     return state
 
 
-@pytest.mark.parametrize("method,learning_rate", [("simsiam", 0.5), ("vi_simsiam", 0.05)])
-def test_ten_steps_match_pytorch(method, learning_rate):
-    config = _config(method, learning_rate)
+@pytest.mark.parametrize("method,learning_rate,target", [
+    ("simsiam", 0.5, "stopgrad"), ("vi_simsiam", 0.05, "stopgrad"), ("vi_simsiam", 0.05, "ema")])
+def test_ten_steps_match_pytorch(method, learning_rate, target):
+    config = _config(method, learning_rate, target)
     batches = _batches(config)
     initial, final, losses = _train_jax(config, batches)
     model, torch_losses = _train_torch(config, initial, batches)

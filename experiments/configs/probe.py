@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     # "val": head fit on all of train, scored on val (the reported number); "local_val": the
-    # best sweep head's score on the local split, val never read (to choose hyper-parameters).
+    # best sweep head's score on the local split, no val image encoded (to choose
+    # hyper-parameters).
     config.eval_split = "val"
     # Features: "cached" (extracted once) or "online" (encoder run on every training batch).
     config.mode = "cached"

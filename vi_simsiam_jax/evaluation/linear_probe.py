@@ -7,8 +7,9 @@ cosine decay, batch 512; random-resized-crop + flip for training, resize + centr
 evaluation. By default a BatchNorm without affine parameters precedes the fc (MoCo v3 / MAE).
 The learning rate is chosen among config.lr_sweep on the paper's local split (80% of train to
 fit, 20% to score, Sec. 6.1); the final head is fit on all of train and evaluated on val. With
-config.eval_split="local_val" val is never read: the result is the best sweep head's top-1 on
-local_val (and kNN from local_train), the score for choosing pretraining hyper-parameters.
+config.eval_split="local_val" no val image is encoded or scored: the result is the best sweep
+head's top-1 on local_val (and kNN from local_train), the score for choosing pretraining
+hyper-parameters.
 
 Modes (see experiments/configs/probe.py):
 - "cached" (default, fast): the encoder runs once per image (the centre crop, or `train_views`
@@ -256,8 +257,8 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     (the lower anchor). The learning rate is the best of config.lr_sweep by top-1 on local_val
     after a fit on local_train (config.learning_rate if the sweep is empty). With
     config.eval_split="val" a head fit on all of train is scored on val; with "local_val" the
-    best sweep head's local_val score is the result and val is not read. output: JSON path
-    (default `default_output(...)`).
+    best sweep head's local_val score is the result and no val image is encoded. output: JSON
+    path (default `default_output(...)`).
     """
     start = time.perf_counter()
     validate_config(config)
