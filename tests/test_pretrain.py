@@ -99,6 +99,8 @@ def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pr
 @pytest.mark.parametrize("override,message", [
     ("--config.learning_rate=-1", "config.learning_rate"),
     ("--config.method=byol", "config.method"),
+    ("--config.model.bn_views=shared", "config.model.bn_views"),
+    ("--config.loss_reduction=max", "config.loss_reduction"),
     ("--config.batch_size=0", "config.batch_size"),
     ("--config.no_such_field=1", "no_such_field"),
 ])

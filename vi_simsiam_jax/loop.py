@@ -19,7 +19,7 @@ import tqdm
 from absl import logging
 from flax import jax_utils
 
-from vi_simsiam_jax import checkpoints, datasets, input_pipeline, models, train
+from vi_simsiam_jax import checkpoints, datasets, input_pipeline, losses, models, train
 from vi_simsiam_jax.cpu import layers
 from vi_simsiam_jax.train_state import (AXIS_NAME, EMA_SCHEDULES, TrainState, create_train_state,
                                         make_model)
@@ -30,6 +30,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     checks = [
         ("method", config.method in models.METHODS, f"one of {models.METHODS}"),
         ("target", config.target in models.TARGETS, f"one of {models.TARGETS}"),
+        ("loss_reduction", config.loss_reduction in losses.REDUCTIONS,
+         f"one of {losses.REDUCTIONS}"),
+        ("model.bn_views", config.model.bn_views in models.BN_VIEWS, f"one of {models.BN_VIEWS}"),
         ("model.stem", config.model.stem in models.STEMS, f"one of {models.STEMS}"),
         ("model.kappa_map", config.model.kappa_map in models.KAPPA_MAPS,
          f"one of {models.KAPPA_MAPS}"),

@@ -341,8 +341,9 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
         "num_val": len(val.labels), "num_classes": num_classes,
     }
     if train_centre is not None:
-        knn_train = train_centre.subset(~local_val[train_centre.index]) if local_only else (
-            train_centre)
+        knn_train = train_centre
+        if local_only:
+            knn_train = train_centre.subset(~local_val[train_centre.index])
         result["knn_top1"] = _knn_top1(knn_train, val, num_classes, config)
     times["total"] = time.perf_counter() - start
     result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
