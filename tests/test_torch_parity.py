@@ -95,14 +95,17 @@ def _torch_model(config: ml_collections.ConfigDict, state: dict[str, np.ndarray]
         nn.Linear(dim, pred, bias=False), nn.BatchNorm1d(pred), nn.ReLU(),
         nn.Linear(pred, dim + (config.method == "vi_simsiam")))
     model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor})
-    tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
     for name, module in model.items():
-        heads = f"{name}." if name != "backbone" else None
-        part = {k[len(heads):] if heads else k: v for k, v in tensors.items()
-                if (k.startswith(heads) if heads else not k.startswith(("projector.",
-                                                                         "predictor.")))}
-        module.load_state_dict(part, strict=True)
+        prefix = _prefix(name)
+        module.load_state_dict({k[len(prefix):]: torch.from_numpy(v.copy())
+                                for k, v in state.items() if _prefix(k.split(".")[0]) == prefix},
+                               strict=True)
     return model.train()
+
+
+def _prefix(module: str) -> str:
+    """The export's name prefix of a module: heads under their name, the backbone under none."""
+    return f"{module}." if module in ("projector", "predictor") else ""
 
 
 def _power_spherical_nll(mu, kappa, x):
@@ -212,11 +215,8 @@ def _train_torch(config, initial, batches):
 
 
 def _torch_state(model: torch.nn.ModuleDict) -> dict[str, np.ndarray]:
-    state = {}
-    for name, module in model.items():
-        prefix = "" if name == "backbone" else f"{name}."
-        state.update({prefix + k: v.numpy() for k, v in module.state_dict().items()})
-    return state
+    return {_prefix(name) + k: v.numpy() for name, module in model.items()
+            for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("method,learning_rate,target", [
