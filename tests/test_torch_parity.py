@@ -164,11 +164,7 @@ def _train_jax(config, batches):
                               opt_state=state.tx.init(params),
                               target_variables=to64(state.target_variables))
         initial = {"params": state.params, "batch_stats": state.batch_stats}
-        step = jax.jit(lambda s, b, r: train.train_step(
-            s, b, r, model=model, method=config.method, global_crops=config.global_crops,
-            target=config.target, loss_reduction=config.loss_reduction,
-            ema_decay_fn=train_state.ema_decay_schedule(config, STEPS),
-            learning_rate_fn=train_state.learning_rate_schedule(config, STEPS)))
+        step = jax.jit(train.configured_train_step(model, config, STEPS))
         step_losses = []
         for batch in batches:
             state, metrics = step(state, [jnp.asarray(v) for v in batch], jax.random.key(0))

@@ -34,11 +34,7 @@ def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad"):
 def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto"):
     config = tiny_config(method, target)
     model = train_state.make_model(config, axis_name=axis_name)
-    step = functools.partial(train.train_step, model=model, method=method, target=target,
-                             global_crops=config.global_crops,
-                             loss_reduction=config.loss_reduction,
-                             ema_decay_fn=train_state.ema_decay_schedule(config, 10),
-                             learning_rate_fn=train_state.learning_rate_schedule(config, 10))
+    step = train.configured_train_step(model, config, 10)
     return jax.pmap(step, axis_name=train_state.AXIS_NAME,
                     devices=jax.local_devices()[:num_devices])
 

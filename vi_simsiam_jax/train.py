@@ -82,13 +82,19 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
     return new_state, metrics
 
 
-def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
-                      steps_per_epoch: int):
-    """train_step with config's method, targets and schedule, pmapped over local devices; the
-    state argument is donated."""
-    step = functools.partial(train_step, model=model, method=config.method,
+def configured_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
+                          steps_per_epoch: int):
+    """train_step with config's method, targets, loss reduction and schedules bound:
+    (state, batch, rng) -> (state, metrics)."""
+    return functools.partial(train_step, model=model, method=config.method,
                              global_crops=config.global_crops, target=config.target,
                              loss_reduction=config.loss_reduction,
                              ema_decay_fn=ema_decay_schedule(config, steps_per_epoch),
                              learning_rate_fn=learning_rate_schedule(config, steps_per_epoch))
-    return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
+
+
+def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
+                      steps_per_epoch: int):
+    """`configured_train_step` pmapped over local devices; the state argument is donated."""
+    return jax.pmap(configured_train_step(model, config, steps_per_epoch), axis_name=AXIS_NAME,
+                    donate_argnums=(0,))
