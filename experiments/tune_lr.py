@@ -49,16 +49,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     probe_config = _PROBE_CONFIG.value
     probe_config.eval_split = "local_val"
-    scores = {}
+    scores, workdirs = {}, []
     for text in _LEARNING_RATES.value:
         config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
         config.learning_rate = float(text)
-        workdir = os.path.join(_WORKDIR.value, f"lr_{text}")
-        loop.train_and_evaluate(config, workdir)
-        result = linear_probe.run(workdir, probe_config)
+        workdirs.append(os.path.join(_WORKDIR.value, f"lr_{text}"))
+        loop.train_and_evaluate(config, workdirs[-1])
+        result = linear_probe.run(workdirs[-1], probe_config)
         scores[text] = {k: result.get(k) for k in _SCORES}
         logging.info("pretraining lr %s: local_val probe top-1 %.2f", text, result["top1"])
-    random_init = linear_probe.run(workdir, probe_config, random_init=True)
+    # Every run starts from the same seed, so any workdir holds the common random init.
+    random_init = linear_probe.run(workdirs[0], probe_config, random_init=True)
     chosen = max(scores, key=lambda text: scores[text]["top1"])
     report = {
         "selection": "linear probe top-1 on local_val (20% of train); no val image encoded",
