@@ -1,13 +1,24 @@
-"""Table 1 of the paper at CPU scale: SimSiam vs VI-SimSiam on ImageNette and ImageWoof.
+"""Table 1 of the paper at CPU scale: SimSiam vs VI-SimSiam on ImageNette and ImageWoof, with
+hyper-parameters chosen on the local split of train and several seeds.
 
-    python -m experiments.reproduce_table1 --workdir=runs/table1
+    python -m experiments.reproduce_table1 --workdir=runs/table1 --results=results/table1 \
+        --readme=README.md
 
-Every (dataset, method) pretrains with experiments/configs/table1.py (one budget for all: epochs,
-crop sizes, batch, seed) in <workdir>/<dataset>_<method>, then gets the linear probe
-(top-1/top-5, experiments/configs/probe.py) and the kNN monitor at every kept checkpoint. Each
-dataset also gets the random-init probe (the runs' common initial encoder). Writes
-<workdir>/table1.json, table1.md (beside the paper's numbers) and curves.png (loss, cosine, kappa,
-kNN over training). Rerunning resumes: finished pretraining, probes and kNN points are reused.
+1. Selection, per method, on --select_dataset with the first seed: the config
+   (experiments/configs/table1.py) is pretrained at every learning rate of the method's grid for
+   the first --num_epochs value, then at the best learning rate for the other --num_epochs
+   values. Each candidate is scored by the linear probe on the local split (head fit on 80% of
+   train, scored on the other 20%; no val image is encoded); the best top-1 wins.
+2. Table: every dataset x seed x method pretrains with the method's choice and is probed on val,
+   once (the probe seeded like the pretraining); the random-init encoder of each seed too. The
+   run at the chosen candidate on the selection dataset is that candidate's pretraining.
+3. Report (experiments.table1_report): mean +- std per cell, the paired difference VI-SimSiam -
+   SimSiam with its 95% t interval, the gains over random init against the learning targets.
+
+Pretraining runs in <workdir>/<dataset>_<method>/lr<lr>_ep<epochs>_seed<seed>. Each finished
+candidate and run is written at once to --results as a small JSON (scores, training curves,
+config, seed, git commit), so a rerun skips it, even without the workdirs; unfinished
+pretraining resumes from its checkpoints. --report_only rewrites the report from --results.
 """
 
 from vi_simsiam_jax import launch
@@ -25,140 +36,172 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vi_simsiam_jax import checkpoints, loop  # noqa: E402
-from vi_simsiam_jax.evaluation import linear_probe  # noqa: E402
+from experiments import protocol, table1_report  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_CONFIGS, "table1.py"),
-    "Pretraining config; its dataset and method are replaced per run.", lock_config=False)
+    "Pretraining config; its dataset, method, learning rate, epochs and seed are set per run.",
+    lock_config=False)
 _PROBE_CONFIG = config_flags.DEFINE_config_file(
     "probe_config", os.path.join(_CONFIGS, "probe.py"), "Linear probe config.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/table1", "Output directory.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/table1", "Pretraining workdirs.")
+_RESULTS = flags.DEFINE_string("results", "results/table1", "Run records and the report.")
+_README = flags.DEFINE_string("readme", "", "If set, the file whose table block is rewritten.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from --results.")
 _DATASETS = flags.DEFINE_list("datasets", ["imagenette", "imagewoof"], "Datasets.")
 _METHODS = flags.DEFINE_list("methods", ["simsiam", "vi_simsiam"], "Methods.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining (and probe) seeds.")
+_SELECT_DATASET = flags.DEFINE_string("select_dataset", "imagenette",
+                                      "Dataset whose local split chooses the hyper-parameters.")
+_LEARNING_RATES = {
+    "simsiam": flags.DEFINE_list("simsiam_learning_rates", ["0.02", "0.05", "0.1"],
+                                 "SimSiam's learning-rate grid."),
+    "vi_simsiam": flags.DEFINE_list("vi_simsiam_learning_rates",
+                                    ["0.0005", "0.001", "0.002", "0.005"],
+                                    "VI-SimSiam's learning-rate grid."),
+}
+_NUM_EPOCHS = flags.DEFINE_list("num_epochs", ["6", "12"],
+                                "Epoch grid; the learning rates are compared at the first.")
 
-# The paper's Table 1: linear-probe (top-1, top-5) in %, ResNet-18, 200 epochs.
-PAPER = {"imagenette": {"simsiam": (88.223, 98.236), "vi_simsiam": (90.650, 99.389)},
-         "imagewoof": {"simsiam": (72.410, 97.480), "vi_simsiam": (78.468, 98.066)}}
-METHOD_NAMES = {"simsiam": "SimSiam", "vi_simsiam": "VI-SimSiam"}
+
+def run_config(dataset: str, method: str, learning_rate: float, num_epochs: int, seed: int
+               ) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
+    config.update(dataset=dataset, method=method, learning_rate=learning_rate,
+                  num_epochs=num_epochs, seed=seed)
+    return config
 
 
-def _cached_json(path: str, compute):
+def run_workdir(config: ml_collections.ConfigDict) -> str:
+    return os.path.join(_WORKDIR.value,
+                        f"{table1_report.dataset_name(config.dataset)}_{config.method}",
+                        f"lr{config.learning_rate:g}_ep{config.num_epochs}_seed{config.seed}")
+
+
+def probe_config(seed: int, local: bool = False) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(_PROBE_CONFIG.value.to_dict())
+    config.seed = seed
+    return protocol.local_probe_config(config) if local else config
+
+
+def select(method: str, seed: int) -> dict[str, float | int]:
+    """The method's learning rate, then its epochs, by local-split probe top-1 (module doc)."""
+    path = table1_report.selection_path(_RESULTS.value, method)
+    record = {"dataset": table1_report.dataset_name(_SELECT_DATASET.value), "method": method,
+              "seed": seed, "candidates": []}
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
-    result = compute()
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+            record["candidates"] = json.load(f)["candidates"]
+
+    def top1(learning_rate: float, num_epochs: int) -> float:
+        for candidate in record["candidates"]:
+            if (candidate["learning_rate"], candidate["num_epochs"]) == (learning_rate,
+                                                                         num_epochs):
+                return candidate["probe"]["top1"]
+        config = run_config(_SELECT_DATASET.value, method, learning_rate, num_epochs, seed)
+        logging.info("Selection: %s, lr %g, %d epochs", method, learning_rate, num_epochs)
+        candidate = protocol.pretrain_and_probe(config, run_workdir(config),
+                                                probe_config(seed, local=True))
+        record["candidates"].append(candidate)
+        protocol.write_json(path, record)
+        return candidate["probe"]["top1"]
+
+    epochs = [int(e) for e in _NUM_EPOCHS.value]
+    learning_rate = max((float(lr) for lr in _LEARNING_RATES[method].value),
+                        key=lambda lr: top1(lr, epochs[0]))
+    num_epochs = max(epochs, key=lambda e: top1(learning_rate, e))
+    record["chosen"] = {"learning_rate": learning_rate, "num_epochs": num_epochs}
+    record["selected_by"] = ("linear-probe top-1 on the local split of train (head fit on 80%, "
+                             "scored on 20%); learning rate at the first epoch count, then epochs")
+    protocol.write_json(path, record)
+    return record["chosen"]
 
 
-def _probe(workdir: str, config: ml_collections.ConfigDict, random_init: bool = False) -> dict:
-    path = linear_probe.default_output(workdir, random_init=random_init)
+def table_run(dataset: str, method: str, chosen: dict, seed: int) -> str:
+    """Pretrains (or reuses) one cell's run and probes it on val; returns its workdir."""
+    config = run_config(dataset, method, chosen["learning_rate"], chosen["num_epochs"], seed)
+    workdir = run_workdir(config)
+    path = table1_report.record_path(_RESULTS.value, dataset, method, seed)
     if not os.path.exists(path):
-        linear_probe.run(workdir, config, random_init=random_init, output=path)
-    with open(path) as f:
-        result = json.load(f)
-    return {k: result[k] for k in ("step", "top1", "top5", "knn_top1", "learning_rate")}
+        logging.info("Table: %s on %s, seed %d", method, dataset, seed)
+        record = protocol.pretrain_and_probe(config, workdir, probe_config(seed))
+        protocol.write_json(path, {"dataset": table1_report.dataset_name(dataset),
+                                   "method": method, "chosen_by": os.path.basename(
+                                       table1_report.selection_path(_RESULTS.value, method)),
+                                   **record})
+    return workdir
 
 
-def knn_curve(workdir: str, config: ml_collections.ConfigDict, final: dict) -> list[list[float]]:
-    """[step, kNN top-1] at every kept checkpoint (the last from the probe's features)."""
-    manager = checkpoints.manager(workdir, read_only=True)
-    steps = [step for step in manager.all_steps() if step != final["step"]]
-    manager.close()
-
-    def compute(step: int) -> list[float]:
-        return list(linear_probe.knn_accuracy(workdir, config, step))
-
-    curve = [_cached_json(os.path.join(workdir, f"knn_{step}.json"), lambda s=step: compute(s))
-             for step in sorted(steps)]
-    return curve + [[final["step"], final["knn_top1"]]]
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def random_init_run(dataset: str, workdir: str, seed: int) -> None:
+    """The probe on val of the untrained encoder of `seed` (the init in `workdir`)."""
+    path = table1_report.record_path(_RESULTS.value, dataset, "random_init", seed)
+    if not os.path.exists(path):
+        config = probe_config(seed)
+        protocol.write_json(path, {
+            "dataset": table1_report.dataset_name(dataset), "method": "random_init",
+            "seed": seed,
+            "probe": {"eval_split": config.eval_split,
+                      **protocol.probe_scores(workdir, config, random_init=True)},
+            "probe_config": config.to_dict(), "git_commit": protocol.git_commit()})
 
 
-def plot_curves(runs: dict, path: str) -> None:
-    """One row per dataset: each method's loss, then cosine, kappa and kNN top-1 per method."""
-    panels = ["loss: SimSiam", "loss: VI-SimSiam", "cosine(p, z)", "mean kappa", "kNN top-1 (%)"]
-    datasets = list(runs)
-    fig, axes = plt.subplots(len(datasets), len(panels), figsize=(4 * len(panels),
-                                                                   3.2 * len(datasets)),
-                             squeeze=False)
+def plot_curves(results_dir: str, path: str) -> None:
+    """Loss, cos(p, z) and mean kappa over training: one row per dataset, one line per run."""
+    panels = ["loss: SimSiam", "loss: VI-SimSiam", "cosine", "kappa_mean"]
+    records = [r for r in table1_report.load_runs(results_dir) if r["method"] != "random_init"]
+    datasets = sorted({r["dataset"] for r in records})
+    if not datasets:
+        return
+    fig, axes = plt.subplots(len(datasets), len(panels), squeeze=False,
+                             figsize=(4 * len(panels), 3.2 * len(datasets)))
     for row, dataset in zip(axes, datasets):
-        for method, run in runs[dataset].items():
-            steps = [m["step"] for m in run["metrics"]]
-            label = METHOD_NAMES[method]
-            row[panels.index(f"loss: {label}")].plot(steps, [m["loss"] for m in run["metrics"]])
-            row[2].plot(steps, [m["cosine"] for m in run["metrics"]], label=label)
-            if method == "vi_simsiam":
-                row[3].plot(steps, [m["kappa_mean"] for m in run["metrics"]], label=label)
-            row[4].plot(*zip(*run["knn"]), marker="o", label=label)
+        for record in (r for r in records if r["dataset"] == dataset):
+            name = table1_report.METHOD_NAMES[record["method"]]
+            steps = [c["step"] for c in record["curves"]]
+            label = f"{name}, seed {record['seed']}"
+            row[panels.index(f"loss: {name}")].plot(steps, [c["loss"] for c in record["curves"]])
+            for ax, key in zip(row[2:], panels[2:]):
+                if key in record["curves"][0]:
+                    ax.plot(steps, [c[key] for c in record["curves"]], label=label)
         for ax, title in zip(row, panels):
             ax.set_title(f"{dataset}: {title}", fontsize=9)
             ax.set_xlabel("step")
-        row[2].legend(fontsize=8)
-        row[4].legend(fontsize=8)
+        row[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def markdown_table(results: dict, budget: str) -> str:
-    lines = [f"Linear probe top-1 / top-5 and kNN top-1 on val (%), {budget}. Paper: Table 1 "
-             "(200 epochs).", "",
-             "| dataset | method | top-1 | top-5 | kNN top-1 | paper top-1 / top-5 |",
-             "|---|---|---|---|---|---|"]
-    for dataset, rows in results.items():
-        for method, r in rows.items():
-            name = "random init" if method == "random_init" else METHOD_NAMES[method]
-            paper = PAPER.get(dataset, {}).get(method)
-            paper = "" if paper is None else f"{paper[0]:.2f} / {paper[1]:.2f}"
-            lines.append(f"| {dataset} | {name} | {r['top1']:.2f} | {r['top5']:.2f} | "
-                         f"{r['knn_top1']:.2f} | {paper} |")
-    return "\n".join(lines) + "\n"
+def report() -> str:
+    summary = table1_report.summarize(_RESULTS.value)
+    table = table1_report.markdown(summary)
+    protocol.write_json(os.path.join(_RESULTS.value, "table1.json"), summary)
+    with open(os.path.join(_RESULTS.value, "table1.md"), "w") as f:
+        f.write(table)
+    if _README.value:
+        table1_report.update_readme(_README.value, table)
+    return table
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    unknown = set(_METHODS.value) - set(METHOD_NAMES)
+    unknown = set(_METHODS.value) - set(_LEARNING_RATES)
     if unknown:
-        raise app.UsageError(f"--methods must be among {sorted(METHOD_NAMES)}, got {unknown}.")
-    root, probe_config = _WORKDIR.value, _PROBE_CONFIG.value
-    os.makedirs(root, exist_ok=True)
-    results, runs = {}, {}
-    for dataset in _DATASETS.value:
-        results[dataset], runs[dataset] = {}, {}
-        for method in _METHODS.value:
-            config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
-            config.dataset, config.method = dataset, method
-            workdir = os.path.join(root, f"{os.path.basename(os.path.normpath(dataset))}_{method}")
-            logging.info("Pretraining %s on %s in %s", method, dataset, workdir)
-            loop.train_and_evaluate(config, workdir)
-            results[dataset][method] = _probe(workdir, probe_config)
-            runs[dataset][method] = {"metrics": read_metrics(workdir),
-                                     "knn": knn_curve(workdir, probe_config,
-                                                      results[dataset][method])}
-            print(dataset, method, json.dumps(results[dataset][method]), flush=True)
-        results[dataset]["random_init"] = _probe(workdir, probe_config, random_init=True)
-    config = _CONFIG.value
-    budget = (f"{config.num_epochs} epochs, batch {config.batch_size}, {config.global_crops}x"
-              f"{config.global_size} px + {config.local_crops}x{config.local_size} px crops, "
-              f"seed {config.seed}")
-    with open(os.path.join(root, "table1.json"), "w") as f:
-        json.dump({"budget": budget, "config": config.to_dict(), "results": results,
-                   "knn_curves": {d: {m: r["knn"] for m, r in rs.items()}
-                                  for d, rs in runs.items()}}, f, indent=2)
-    table = markdown_table(results, budget)
-    with open(os.path.join(root, "table1.md"), "w") as f:
-        f.write(table)
-    plot_curves(runs, os.path.join(root, "curves.png"))
-    print(table)
+        raise app.UsageError(f"--methods must be among {sorted(_LEARNING_RATES)}, got {unknown}.")
+    if not _REPORT_ONLY.value:
+        seeds = [int(seed) for seed in _SEEDS.value]
+        chosen = {method: select(method, seeds[0]) for method in _METHODS.value}
+        for dataset in _DATASETS.value:
+            for seed in seeds:
+                workdirs = [table_run(dataset, method, chosen[method], seed)
+                            for method in _METHODS.value]
+                random_init_run(dataset, workdirs[0], seed)
+                print(report(), flush=True)
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        plot_curves(_RESULTS.value, os.path.join(_WORKDIR.value, "curves.png"))
+    print(report())
 
 
 if __name__ == "__main__":

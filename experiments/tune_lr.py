@@ -14,16 +14,13 @@ from vi_simsiam_jax import launch
 
 launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
-import json
 import os
-import subprocess
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vi_simsiam_jax import loop
-from vi_simsiam_jax.evaluation import linear_probe
+from experiments import protocol
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config.",
                                           lock_config=False)
@@ -35,43 +32,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "One pretraining workdir per lea
 _OUTPUT = flags.DEFINE_string("output", None, "Result JSON (default <workdir>/tune_lr.json).")
 flags.mark_flags_as_required(["config", "learning_rates", "workdir"])
 
-_SCORES = ("top1", "top5", "knn_top1", "learning_rate", "lr_sweep_local_val_top1")
-
-
-def _git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    return result.stdout.strip() or "unknown"
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    probe_config = _PROBE_CONFIG.value
-    probe_config.eval_split = "local_val"
+    probe_config = protocol.local_probe_config(_PROBE_CONFIG.value)
     scores, workdirs = {}, []
     for text in _LEARNING_RATES.value:
         config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
         config.learning_rate = float(text)
         workdirs.append(os.path.join(_WORKDIR.value, f"lr_{text}"))
-        loop.train_and_evaluate(config, workdirs[-1])
-        result = linear_probe.run(workdirs[-1], probe_config)
-        scores[text] = {k: result.get(k) for k in _SCORES}
-        logging.info("pretraining lr %s: local_val probe top-1 %.2f", text, result["top1"])
+        scores[text] = protocol.pretrain_and_probe(config, workdirs[-1], probe_config)["probe"]
+        logging.info("pretraining lr %s: local_val probe top-1 %.2f", text, scores[text]["top1"])
     # Every run starts from the same seed, so any workdir holds the common random init.
-    random_init = linear_probe.run(workdirs[0], probe_config, random_init=True)
+    random_init = protocol.probe_scores(workdirs[0], probe_config, random_init=True)
     chosen = max(scores, key=lambda text: scores[text]["top1"])
     report = {
         "selection": "linear probe top-1 on local_val (20% of train); no val image encoded",
         "chosen_learning_rate": float(chosen), "local_val": scores,
-        "random_init_local_val": {k: random_init.get(k) for k in _SCORES},
+        "random_init_local_val": random_init,
         "config": _CONFIG.value.to_dict(), "probe_config": probe_config.to_dict(),
-        "git_commit": _git_commit(),
+        "git_commit": protocol.git_commit(),
     }
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "tune_lr.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=2)
+    protocol.write_json(output, report)
     print(f"chosen learning rate {chosen} (local_val top-1 {scores[chosen]['top1']:.2f}, "
           f"random init {random_init['top1']:.2f}) -> {output}")
 

@@ -1,0 +1,68 @@
+"""The statistics of Table 1 (mean +- std, paired t intervals, learning targets), and the README
+table being what experiments.table1_report computes from the committed results/table1."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import table1_report
+from tests import pretrain_utils
+from vi_simsiam_jax.evaluation import statistics
+
+
+def test_mean_std_and_paired_interval_by_hand():
+    assert statistics.mean_std([1.0, 2.0, 6.0]) == {"n": 3, "mean": 3.0,
+                                                     "std": pytest.approx(math.sqrt(7))}
+    assert math.isnan(statistics.mean_std([4.0])["std"])
+    # Differences 1, 2, 3: mean 2, std 1; with 2 degrees of freedom the t quantile has the
+    # closed form t_p = (2p - 1) / sqrt(2p(1 - p)).
+    result = statistics.paired_difference({0: 11.0, 1: 12.0, 2: 13.0, 7: 5.0},
+                                          {0: 10.0, 1: 10.0, 2: 10.0, 9: 1.0})
+    half_width = 0.95 / math.sqrt(2 * 0.975 * 0.025) / math.sqrt(3)
+    assert result["seeds"] == [0, 1, 2] and result["mean"] == 2.0
+    assert result["interval"] == pytest.approx([2 - half_width, 2 + half_width], rel=1e-12)
+    with pytest.raises(ValueError, match="at least one seed"):
+        statistics.paired_difference({0: 1.0}, {1: 1.0})
+
+
+def test_interval_covers_the_mean_at_its_confidence():
+    """Monte Carlo: 95% t intervals of 3 normal differences cover the true mean ~95% of the
+    time (binomial std of the rate over 4000 draws: 0.35%)."""
+    rng = np.random.default_rng(0)
+    draws = rng.normal(1.5, 2.0, size=(4000, 3))
+    covered = [low <= 1.5 <= high for low, high in
+               (statistics.paired_difference(dict(enumerate(d)), {0: 0, 1: 0, 2: 0})["interval"]
+                for d in draws)]
+    assert abs(np.mean(covered) - 0.95) < 0.015
+
+
+def _record(path, dataset, method, seed, top1, knn):
+    path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed,
+                                "workdir": f"runs/{method}{seed}", "pretraining_seconds": 60.0,
+                                "probe": {"top1": top1, "top5": top1 + 40, "knn_top1": knn}}))
+
+
+def test_summary_differences_and_targets(tmp_path):
+    for seed in range(3):
+        _record(tmp_path / f"d_random_init_seed{seed}.json", "d", "random_init", seed, 30, 20)
+        _record(tmp_path / f"d_simsiam_seed{seed}.json", "d", "simsiam", seed, 38 + seed, 26)
+        _record(tmp_path / f"d_vi_simsiam_seed{seed}.json", "d", "vi_simsiam", seed, 45, 24)
+    summary = table1_report.summarize(str(tmp_path))
+    assert summary["cells"]["d"]["simsiam"]["top1"]["mean"] == 39.0
+    assert summary["differences"]["d"]["top1"]["mean"] == 6.0
+    assert summary["differences"]["d"]["knn_top1"]["interval"] == [-2.0, -2.0]
+    gains = summary["gains"]["d"]
+    assert [gains["simsiam"][m]["met"] for m in ("top1", "knn_top1")] == [False, True]
+    assert [gains["vi_simsiam"][m]["met"] for m in ("top1", "knn_top1")] == [True, False]
+    assert summary["compute"] == {"pretraining_runs": 6, "pretraining_hours": 0.1}
+    table = table1_report.markdown(summary)
+    assert "| d | VI-SimSiam − SimSiam, mean [95% CI] | 3 | +6.00 [" in table
+    assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
+
+
+def test_readme_table_is_generated_from_results():
+    results = pretrain_utils.REPO / "results" / "table1"
+    expected = table1_report.markdown(table1_report.summarize(str(results)))
+    assert table1_report.readme_table(str(pretrain_utils.REPO / "README.md")) == expected
