@@ -160,8 +160,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{selection['seed']}: {chosen} ({scores}).")
     compute = summary["compute"]
     lines += ["", f"Pretraining compute: {compute['pretraining_runs']} runs, "
-              f"{compute['pretraining_hours']:.1f} CPU-hours on the 2-core machine "
-              "(probes not counted)."]
+              f"{compute['pretraining_hours']:.1f} hours (from the logged throughput; probes "
+              "not counted)."]
     return "\n".join(lines) + "\n"
 
 
