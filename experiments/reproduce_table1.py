@@ -92,7 +92,8 @@ def select(method: str, seed: int) -> dict[str, float | int]:
               "seed": seed, "candidates": []}
     if os.path.exists(path):
         with open(path) as f:
-            record["candidates"] = json.load(f)["candidates"]
+            saved = json.load(f)
+        record.update({k: saved[k] for k in ("candidates", "random_init") if k in saved})
 
     def top1(learning_rate: float, num_epochs: int) -> float:
         for candidate in record["candidates"]:
@@ -114,6 +115,9 @@ def select(method: str, seed: int) -> dict[str, float | int]:
     record["chosen"] = {"learning_rate": learning_rate, "num_epochs": num_epochs}
     record["selected_by"] = ("linear-probe top-1 on the local split of train (head fit on 80%, "
                              "scored on 20%); learning rate at the first epoch count, then epochs")
+    if "random_init" not in record:  # the candidates' common initial encoder, scored alike
+        record["random_init"] = protocol.probe_scores(
+            record["candidates"][0]["workdir"], probe_config(seed, local=True), random_init=True)
     protocol.write_json(path, record)
     return record["chosen"]
 

@@ -90,6 +90,7 @@ def summarize(results_dir: str) -> dict[str, Any]:
     selection = {
         method: {"dataset": record["dataset"], "seed": record["seed"],
                  "chosen": record.get("chosen"),
+                 "random_init_local_val_top1": record.get("random_init", {}).get("top1"),
                  "candidates": [{"learning_rate": c["learning_rate"],
                                  "num_epochs": c["num_epochs"],
                                  **{f"local_val_{m}": c["probe"][m] for m in METRICS}}
@@ -156,6 +157,9 @@ def markdown(summary: dict[str, Any]) -> str:
         chosen = selection.get("chosen")
         chosen = (f"lr {chosen['learning_rate']:g}, {chosen['num_epochs']} epochs" if chosen
                   else "not yet chosen")
+        random_init = selection["random_init_local_val_top1"]
+        if random_init is not None:
+            scores += f"; random init: {random_init:.2f}"
         lines.append(f"- {METHOD_NAMES[method]} on {selection['dataset']}, seed "
                      f"{selection['seed']}: {chosen} ({scores}).")
     compute = summary["compute"]

@@ -44,6 +44,7 @@ def test_selection_seeds_report_and_resume(pretrain_data, tmp_path):
         assert selection["chosen"] == {"learning_rate": best_lr, "num_epochs": epochs}
         assert all(c["probe"]["eval_split"] == "local_val" and c["seed"] == 0
                    for c in candidates)
+        assert 0 <= selection["random_init"]["top1"] <= 100
 
     runs = table1_report.load_runs(str(results))
     assert sorted((r["method"], r["seed"]) for r in runs) == [
