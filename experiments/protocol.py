@@ -57,13 +57,6 @@ def training_curves(workdir: str) -> list[dict[str, float]]:
     return [{k: row[k] for k in CURVE_FIELDS if k in row} for row in rows]
 
 
-def pretraining_seconds(curves: list[dict[str, float]], config: ml_collections.ConfigDict
-                        ) -> float:
-    """The pretraining time implied by the logged throughput (compilation included)."""
-    images = config.log_every_steps * config.batch_size
-    return sum(images / row["images_per_sec"] for row in curves if row.get("images_per_sec"))
-
-
 def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
                        probe_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Pretrains config in workdir (resuming) and probes it; a record of the run."""
@@ -72,7 +65,7 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
     return {"workdir": workdir, "seed": config.seed, "learning_rate": config.learning_rate,
             "num_epochs": config.num_epochs,
             "probe": {"eval_split": probe_config.eval_split, **probe_scores(workdir, probe_config)},
-            "curves": curves, "pretraining_seconds": pretraining_seconds(curves, config),
+            "curves": curves,
             "config": config.to_dict(), "probe_config": probe_config.to_dict(),
             "git_commit": git_commit()}
 

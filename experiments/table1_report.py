@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from vi_simsiam_jax.evaluation import statistics
 
 METHOD_NAMES = {"simsiam": "SimSiam", "vi_simsiam": "VI-SimSiam", "random_init": "random init"}
@@ -100,13 +102,22 @@ def summarize(results_dir: str) -> dict[str, Any]:
             "selection": selection, "compute": compute_used(results_dir)}
 
 
+def pretraining_seconds(record: dict[str, Any]) -> float:
+    """A run's pretraining time: its steps x the median logged time per step (robust to the
+    compilation, pauses and other jobs on the machine)."""
+    batch_size = record["config"]["batch_size"]
+    per_step = np.median([batch_size / row["images_per_sec"] for row in record["curves"]
+                          if row.get("images_per_sec")])
+    return float(record["curves"][-1]["step"] * per_step)
+
+
 def compute_used(results_dir: str) -> dict[str, float]:
     """Pretraining time over every distinct run (selection candidates and table runs)."""
-    runs = {c["workdir"]: c["pretraining_seconds"]
-            for record in load_selections(results_dir).values() for c in record["candidates"]}
-    runs.update((r["workdir"], r["pretraining_seconds"]) for r in load_runs(results_dir)
-                if r["method"] != "random_init")
-    return {"pretraining_runs": len(runs), "pretraining_hours": sum(runs.values()) / 3600}
+    runs = {c["workdir"]: c for record in load_selections(results_dir).values()
+            for c in record["candidates"]}
+    runs.update((r["workdir"], r) for r in load_runs(results_dir) if r["method"] != "random_init")
+    return {"pretraining_runs": len(runs),
+            "pretraining_hours": sum(map(pretraining_seconds, runs.values())) / 3600}
 
 
 def _mean_std(summary: dict[str, float]) -> str:
@@ -164,8 +175,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{selection['seed']}: {chosen} ({scores}).")
     compute = summary["compute"]
     lines += ["", f"Pretraining compute: {compute['pretraining_runs']} runs, "
-              f"{compute['pretraining_hours']:.1f} hours (from the logged throughput; probes "
-              "not counted)."]
+              f"{compute['pretraining_hours']:.1f} hours (steps x the median logged time per "
+              "step; probes not counted)."]
     return "\n".join(lines) + "\n"
 
 

@@ -39,8 +39,12 @@ def test_interval_covers_the_mean_at_its_confidence():
 
 
 def _record(path, dataset, method, seed, top1, knn):
+    # 60 steps at 1 s per step, one slow interval (the compilation) aside.
+    curves = [{"step": step, "images_per_sec": 8.0 if step == 10 else 64.0}
+              for step in range(10, 70, 10)]
     path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed,
-                                "workdir": f"runs/{method}{seed}", "pretraining_seconds": 60.0,
+                                "workdir": f"runs/{method}{seed}", "curves": curves,
+                                "config": {"batch_size": 64},
                                 "probe": {"top1": top1, "top5": top1 + 40, "knn_top1": knn}}))
 
 
@@ -56,7 +60,7 @@ def test_summary_differences_and_targets(tmp_path):
     gains = summary["gains"]["d"]
     assert [gains["simsiam"][m]["met"] for m in ("top1", "knn_top1")] == [False, True]
     assert [gains["vi_simsiam"][m]["met"] for m in ("top1", "knn_top1")] == [True, False]
-    assert summary["compute"] == {"pretraining_runs": 6, "pretraining_hours": 0.1}
+    assert summary["compute"] == {"pretraining_runs": 6, "pretraining_hours": 0.1}  # 6 x 60 s
     table = table1_report.markdown(summary)
     assert "| d | VI-SimSiam − SimSiam, mean [95% CI] | 3 | +6.00 [" in table
     assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
