@@ -55,7 +55,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining (and probe) se
 _SELECT_DATASET = flags.DEFINE_string("select_dataset", "imagenette",
                                       "Dataset whose local split chooses the hyper-parameters.")
 _LEARNING_RATES = {
-    "simsiam": flags.DEFINE_list("simsiam_learning_rates", ["0.02", "0.05", "0.1", "0.2", "0.4"],
+    "simsiam": flags.DEFINE_list("simsiam_learning_rates",
+                                 ["0.02", "0.05", "0.1", "0.2", "0.4", "0.8"],
                                  "SimSiam's learning-rate grid."),
     "vi_simsiam": flags.DEFINE_list("vi_simsiam_learning_rates",
                                     ["0.0005", "0.001", "0.002", "0.005"],
