@@ -56,7 +56,7 @@ _SELECT_DATASET = flags.DEFINE_string("select_dataset", "imagenette",
                                       "Dataset whose local split chooses the hyper-parameters.")
 _LEARNING_RATES = {
     "simsiam": flags.DEFINE_list("simsiam_learning_rates",
-                                 ["0.02", "0.05", "0.1", "0.2", "0.4", "0.8"],
+                                 ["0.02", "0.05", "0.1", "0.2", "0.4", "0.8", "1.6"],
                                  "SimSiam's learning-rate grid."),
     "vi_simsiam": flags.DEFINE_list("vi_simsiam_learning_rates",
                                     ["0.0005", "0.001", "0.002", "0.005"],
