@@ -91,10 +91,10 @@ def select(method: str, seed: int) -> dict[str, float | int]:
     path = table1_report.selection_path(_RESULTS.value, method)
     record = {"dataset": table1_report.dataset_name(_SELECT_DATASET.value), "method": method,
               "seed": seed, "candidates": []}
-    if os.path.exists(path):
+    if os.path.exists(path):  # a started selection keeps its seed, whatever --seeds says now
         with open(path) as f:
-            saved = json.load(f)
-        record.update({k: saved[k] for k in ("candidates", "random_init") if k in saved})
+            record.update(json.load(f))  # and a finished one is rewritten byte for byte
+        seed = record["seed"]
 
     def top1(learning_rate: float, num_epochs: int) -> float:
         for candidate in record["candidates"]:
