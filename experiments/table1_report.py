@@ -133,6 +133,25 @@ def _interval(summary: dict[str, Any]) -> str:
     return f"{summary['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def verdict(dataset: str, difference: dict[str, dict[str, Any]]) -> str:
+    """VI-SimSiam - SimSiam on one dataset in words: which way the top-1 interval points."""
+    top1, knn = difference["top1"], difference["knn_top1"]
+    if top1["n"] < 2:
+        return f"- {dataset}: {top1['n']} paired seed, no interval yet."
+    low, high = top1["interval"]
+    if low > 0:
+        words = "VI-SimSiam is ahead of SimSiam"
+    elif high < 0:
+        words = "SimSiam is ahead of VI-SimSiam"
+    else:
+        words = "the difference is not resolved (its interval contains 0)"
+    paper = PAPER.get(dataset)
+    paper = (f"; the paper's: {paper['vi_simsiam'][0] - paper['simsiam'][0]:+.2f}" if paper
+             else "")
+    return (f"- {dataset}, {top1['n']} paired seeds: on linear-probe top-1 {words}: "
+            f"{_interval(top1)} points (kNN top-1 {_interval(knn)}){paper}.")
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The table, the paired differences and the learning targets as markdown."""
     lines = ["| dataset | method | seeds | top-1 | top-5 | kNN top-1 | paper top-1 / top-5 |",
@@ -151,6 +170,10 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {dataset} | VI-SimSiam − SimSiam, mean [95% CI] | "
                          f"{difference['top1']['n']} | " +
                          " | ".join(_interval(difference[m]) for m in METRICS) + f" | {paper} |")
+    if summary["differences"]:
+        lines += ["", "VI-SimSiam − SimSiam, seed by seed, mean [95% CI]:", ""]
+        lines += [verdict(dataset, difference)
+                  for dataset, difference in summary["differences"].items()]
     lines += ["", "Gain over the random-init encoder of the same seed, mean [95% CI], against "
               "the targets (top-1 +10, kNN +5):", "",
               "| dataset | method | top-1 gain | kNN top-1 gain | targets met |",

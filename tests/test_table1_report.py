@@ -64,6 +64,20 @@ def test_summary_differences_and_targets(tmp_path):
     table = table1_report.markdown(summary)
     assert "| d | VI-SimSiam − SimSiam, mean [95% CI] | 3 | +6.00 [" in table
     assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
+    assert "- d, 3 paired seeds: on linear-probe top-1 VI-SimSiam is ahead of SimSiam: +6.00 [" \
+        in table
+
+
+def test_verdict_follows_the_interval():
+    def difference(low, high, n=3):
+        return {m: {"n": n, "mean": (low + high) / 2, "interval": [low, high]}
+                for m in ("top1", "knn_top1")}
+
+    assert "SimSiam is ahead of VI-SimSiam: -2.00 [-3.00, -1.00]" in table1_report.verdict(
+        "d", difference(-3.0, -1.0))
+    unresolved = table1_report.verdict("imagewoof", difference(-1.0, 3.0))
+    assert "not resolved" in unresolved and unresolved.endswith("the paper's: +6.06.")
+    assert "no interval yet" in table1_report.verdict("d", difference(1.0, 1.0, n=1))
 
 
 def test_readme_table_is_generated_from_results():
