@@ -37,6 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import protocol, table1_report  # noqa: E402
+from vi_simsiam_jax import checkpoints  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -123,8 +124,8 @@ def select(method: str, seed: int) -> dict[str, float | int]:
     return record["chosen"]
 
 
-def table_run(dataset: str, method: str, chosen: dict, seed: int) -> str:
-    """Pretrains (or reuses) one cell's run and probes it on val; returns its workdir."""
+def table_run(dataset: str, method: str, chosen: dict, seed: int) -> None:
+    """Pretrains (or reuses) one cell's run and probes it on val."""
     config = run_config(dataset, method, chosen["learning_rate"], chosen["num_epochs"], seed)
     workdir = run_workdir(config)
     path = table1_report.record_path(_RESULTS.value, dataset, method, seed)
@@ -135,16 +136,21 @@ def table_run(dataset: str, method: str, chosen: dict, seed: int) -> str:
                                    "method": method, "chosen_by": os.path.basename(
                                        table1_report.selection_path(_RESULTS.value, method)),
                                    **record})
-    return workdir
 
 
-def random_init_run(dataset: str, workdir: str, seed: int) -> None:
-    """The probe on val of the untrained encoder of `seed` (the init in `workdir`)."""
+def random_init_run(dataset: str, chosen: dict, seed: int) -> None:
+    """The probe on val of the untrained encoder of `seed`: the first method's initial weights,
+    in a workdir of its own (it needs only the config, not that method's pretraining)."""
     path = table1_report.record_path(_RESULTS.value, dataset, "random_init", seed)
     if not os.path.exists(path):
+        name, method = table1_report.dataset_name(dataset), _METHODS.value[0]
+        workdir = os.path.join(_WORKDIR.value, f"{name}_random_init", f"seed{seed}")
+        os.makedirs(workdir, exist_ok=True)
+        checkpoints.save_config(workdir, run_config(
+            dataset, method, chosen[method]["learning_rate"], chosen[method]["num_epochs"], seed))
         config = probe_config(seed)
         protocol.write_json(path, {
-            "dataset": table1_report.dataset_name(dataset), "method": "random_init",
+            "dataset": name, "method": "random_init",
             "seed": seed,
             "probe": {"eval_split": config.eval_split,
                       **protocol.probe_scores(workdir, config, random_init=True)},
@@ -200,9 +206,9 @@ def main(argv: list[str]) -> None:
         chosen = {method: select(method, seeds[0]) for method in _METHODS.value}
         for dataset in _DATASETS.value:
             for seed in seeds:
-                workdirs = [table_run(dataset, method, chosen[method], seed)
-                            for method in _METHODS.value]
-                random_init_run(dataset, workdirs[0], seed)
+                for method in _METHODS.value:
+                    table_run(dataset, method, chosen[method], seed)
+                random_init_run(dataset, chosen, seed)
                 print(report(), flush=True)
         os.makedirs(_WORKDIR.value, exist_ok=True)
         plot_curves(_RESULTS.value, os.path.join(_WORKDIR.value, "curves.png"))

@@ -72,6 +72,8 @@ def test_selection_seeds_report_and_resume(pretrain_data, tmp_path):
 
     records = {p: p.read_bytes() for p in results.glob("*.json") if p.name != "table1.json"}
     shutil.rmtree(workdir)  # a new machine: only the committed records are left
+    random_init = results / f"{folder}_random_init_seed1.json"
+    random_init.unlink()  # and one random-init probe still to run, without pretraining workdirs
     # seed 1 first: the finished selection keeps its seed 0
     assert table in _run(pretrain_data, workdir, results, readme, seeds="1,0")
     assert {p: p.read_bytes() for p in results.glob("*.json")
