@@ -105,8 +105,8 @@ def test_single_device_step_without_collectives_equals_synchronised_step(monkeyp
         # float32 roundoff of differently fused programs, after a step of lr 0.01 on Eq. 12.
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                      getattr(state_none, name), getattr(state_axis, name))
-    for name in metrics_axis:
-        np.testing.assert_allclose(metrics_none[name], metrics_axis[name], rtol=1e-5)
+    for name in metrics_axis:  # atol for metrics near 0 (cos(p, z) at init is ~2e-3)
+        np.testing.assert_allclose(metrics_none[name], metrics_axis[name], rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_step_leaves_state_unchanged():
