@@ -171,7 +171,7 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{difference['top1']['n']} | " +
                          " | ".join(_interval(difference[m]) for m in METRICS) + f" | {paper} |")
     if summary["differences"]:
-        lines += ["", "VI-SimSiam − SimSiam, seed by seed, mean [95% CI]:", ""]
+        lines += ["", "VI-SimSiam − SimSiam, paired by seed, mean [95% CI]:", ""]
         lines += [verdict(dataset, difference)
                   for dataset, difference in summary["differences"].items()]
     lines += ["", "Gain over the random-init encoder of the same seed, mean [95% CI], against "
