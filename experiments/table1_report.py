@@ -4,7 +4,8 @@ Records in the results folder: `select_<method>.json` (the local-split selection
 candidate's scores and the choice), `<dataset>_<method>_seed<k>.json` (a pretraining run probed
 on val) and `<dataset>_random_init_seed<k>.json`. From them: per cell mean +- std over seeds,
 the paired difference VI-SimSiam - SimSiam (same seed) with its 95% t interval, and each
-method's gain over the random-init encoder of the same seed against the learning targets.
+method's gain over the random-init encoder of the same seed against the learning targets, and
+each run's scores with its collapse monitor (z_std during pretraining).
 """
 
 import glob
@@ -60,12 +61,24 @@ def load_selections(results_dir: str) -> dict[str, dict[str, Any]]:
             for record in _load(os.path.join(results_dir, "select_*.json"))}
 
 
+def collapse_monitor(curves: list[dict[str, Any]]) -> dict[str, float] | None:
+    """z_std over a pretraining run (about 1 for spread-out projections, 0 for collapsed ones):
+    its lowest value, the step of that value, and its final value."""
+    rows = [row for row in curves if "z_std" in row]
+    if not rows:
+        return None
+    lowest = min(rows, key=lambda row: row["z_std"])
+    return {"lowest": lowest["z_std"], "lowest_step": lowest["step"],
+            "final": rows[-1]["z_std"]}
+
+
 def summarize(results_dir: str) -> dict[str, Any]:
     """The table's numbers from every record in results_dir (partial tables included)."""
-    runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for record in load_runs(results_dir):
         cell = runs.setdefault(record["dataset"], {}).setdefault(record["method"], {})
         cell[record["seed"]] = {metric: record["probe"][metric] for metric in METRICS}
+        cell[record["seed"]]["z_std"] = collapse_monitor(record.get("curves", []))
     cells, differences, gains = {}, {}, {}
     for dataset, methods in runs.items():
         cells[dataset] = {
@@ -98,7 +111,7 @@ def summarize(results_dir: str) -> dict[str, Any]:
                                  **{f"local_val_{m}": c["probe"][m] for m in METRICS}}
                                 for c in record["candidates"]]}
         for method, record in load_selections(results_dir).items()}
-    return {"cells": cells, "differences": differences, "gains": gains,
+    return {"runs": runs, "cells": cells, "differences": differences, "gains": gains,
             "selection": selection, "compute": compute_used(results_dir)}
 
 
@@ -131,6 +144,17 @@ def _interval(summary: dict[str, Any]) -> str:
     if summary["n"] < 2:
         return f"{summary['mean']:+.2f}"
     return f"{summary['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return ""
+    text = f"{run['top1']:.2f} / {run['knn_top1']:.2f}"
+    z_std = run["z_std"]
+    if z_std:
+        text += (f"; z_std {z_std['lowest']:.2f} @ {z_std['lowest_step']} → "
+                 f"{z_std['final']:.2f}")
+    return text
 
 
 def verdict(dataset: str, difference: dict[str, dict[str, Any]]) -> str:
@@ -183,6 +207,15 @@ def markdown(summary: dict[str, Any]) -> str:
             met = [METRICS[m] for m in TARGETS if gain[m]["met"]]
             lines.append(f"| {dataset} | {METHOD_NAMES[method]} | {_interval(gain['top1'])} | "
                          f"{_interval(gain['knn_top1'])} | {', '.join(met) or 'neither'} |")
+    lines += ["", "Per run: linear-probe top-1 / kNN top-1, and the collapse monitor z_std "
+              "(lowest during pretraining @ step → final):", "",
+              "| dataset | seed | " + " | ".join(METHOD_NAMES.values()) + " |",
+              "|---|---|" + "---|" * len(METHOD_NAMES)]
+    for dataset, methods in summary["runs"].items():
+        for seed in sorted({seed for seeds in methods.values() for seed in seeds}):
+            lines.append(f"| {dataset} | {seed} | " + " | ".join(
+                _run(methods[method].get(seed)) if method in methods else ""
+                for method in METHOD_NAMES) + " |")
     lines += ["", "Chosen on the local split (linear-probe top-1 on 20% of train, the head fit on "
               "the other 80%; no val image):", ""]
     for method, selection in summary["selection"].items():

@@ -39,9 +39,13 @@ def test_interval_covers_the_mean_at_its_confidence():
 
 
 def _record(path, dataset, method, seed, top1, knn):
-    # 60 steps at 1 s per step, one slow interval (the compilation) aside.
+    # 60 steps at 1 s per step, one slow interval (the compilation) aside; pretraining runs
+    # log z_std, lowest at step 30.
     curves = [{"step": step, "images_per_sec": 8.0 if step == 10 else 64.0}
               for step in range(10, 70, 10)]
+    if method != "random_init":
+        for row in curves:
+            row["z_std"] = 0.4 if row["step"] == 30 else 0.9 + row["step"] / 600
     path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed,
                                 "workdir": f"runs/{method}{seed}", "curves": curves,
                                 "config": {"batch_size": 64},
@@ -66,6 +70,8 @@ def test_summary_differences_and_targets(tmp_path):
     assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
     assert "- d, 3 paired seeds: on linear-probe top-1 VI-SimSiam is ahead of SimSiam: +6.00 [" \
         in table
+    assert ("| d | 1 | 39.00 / 26.00; z_std 0.40 @ 30 → 1.00 | 45.00 / 24.00; z_std 0.40 @ 30 "
+            "→ 1.00 | 30.00 / 20.00 |") in table
 
 
 def test_verdict_follows_the_interval():
