@@ -2,8 +2,10 @@
 import os
 import tempfile
 
-# Must be set before jax is imported anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.xla_flags import with_flags
+
+# Must be set before JAX starts its backend; the user's XLA_FLAGS (`make test-portable`) stay.
+os.environ["XLA_FLAGS"] = with_flags("--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the test process and the training subprocesses it starts.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -11,6 +13,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
+
+
+def pytest_report_header() -> str:
+    return f"XLA_FLAGS: {os.environ['XLA_FLAGS']}"
 
 
 @pytest.fixture(scope="session")

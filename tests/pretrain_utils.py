@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 from tests import tiny_config
+from tests.xla_flags import with_flags
 from vi_simsiam_jax import checkpoints, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -13,8 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # persistent compilation cache (conftest.py) compiles once for all of them. They test what the
 # entry points do, not float32 roundoff, so XLA compiles them at backend optimisation level 0
 # (faster to compile, and the tiny step runs as fast).
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-                                  "--xla_backend_optimization_level=0"}
+ENV = {**os.environ, "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1",
+                                             "--xla_backend_optimization_level=0")}
 
 
 def config(data: tuple[str, str], **overrides):

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.pretrain_utils import ENV, REPO, command, config, restore
+from tests.xla_flags import with_flags
 from vi_simsiam_jax import checkpoints, loop, train_state
 
 
@@ -31,31 +32,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process(pretrain_data, finished_run, tmp_path):
-    """2 processes x 1 CPU device (gloo collectives) == 1 process x 8 devices."""
+def test_two_processes_match_one_process(pretrain_data, tmp_path):
+    """2 processes x 1 CPU device (gloo collectives) == 1 process x 8 devices, in float64."""
     port = _free_port()
+    float64 = "--config.model.dtype=float64"
+    # At XLA's default optimisation level: at level 0 (ENV's) XLA:CPU computes some float64 ops
+    # to about float32 accuracy (the loss moves by 2e-8 relative).
+    env = {**ENV, "JAX_ENABLE_X64": "1",
+           "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
     processes = [
-        subprocess.Popen(command(pretrain_data, tmp_path, "--config.num_epochs=1",
+        subprocess.Popen(command(pretrain_data, tmp_path / "two", "--config.num_epochs=1", float64,
                                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                  f"--process_id={i}"),
-                         cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
         for i in range(2)]
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-    assert "JAX process 1/2" in stderr
-    # Compared after 2 steps: float32 reductions in another order (gloo) differ at roundoff
-    # level (~1e-5 after 2 steps, as reordering the examples of one batch does); the steps
-    # themselves move the parameters by > 1e-3.
-    multi, single = restore(tmp_path, step=2), restore(finished_run, step=2)
+    with jax.enable_x64(True):
+        one = config(pretrain_data, num_epochs=1)
+        one.model.dtype = "float64"
+        loop.train_and_evaluate(one, str(tmp_path / "one"))
+        for process in processes:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+        assert "JAX process 1/2" in stderr
+        multi, single = restore(tmp_path / "two", step=2), restore(tmp_path / "one", step=2)
+        initial = train_state.create_train_state(jax.random.key(one.seed), one,
+                                                 train_state.make_model(one), 1).params
     assert int(multi.step) == int(single.step) == 2
+    # Float64 programs that sum in other orders (gloo, 8 devices) differ by roundoff: ~1e3 eps64
+    # ~ 2e-13 after 2 steps (as 1e-5 ~ 1e2 eps32 in float32), and 1e-10 keeps 500x of margin.
     for name in ("params", "batch_stats"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4),
+        assert {x.dtype for x in jax.tree.leaves(getattr(multi, name))} == {np.dtype("float64")}
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
                      getattr(multi, name), getattr(single, name))
-    saved = checkpoints.load_config(str(finished_run))
-    initial = train_state.create_train_state(jax.random.key(saved.seed), saved,
-                                             train_state.make_model(saved), 1).params
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single.params, initial)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the 2 steps changed the parameters
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import float64
 from vi_simsiam_jax import losses, models
 
 SIZES = (32, 64, 96, 128, 160, 224)
@@ -194,13 +195,21 @@ def test_kappa_from_raw():
     np.testing.assert_allclose(models.kappa_from_raw(jnp.array(0.0)), np.log(2.0) + 1.0, rtol=1e-6)
 
 
-def _tiny_setup(method="vi_simsiam"):
+def _tiny_setup(method="vi_simsiam", dtype=jnp.float32):
+    """A tiny SiameseNet, its variables and 4 views (2 of 12 px, 2 of 8 px) in `dtype` (float64:
+    call inside jax.enable_x64)."""
     net = models.SiameseNet(method=method, stem="cifar", **TINY)
     views = [_normal((4, size, size, 3), seed=seed) for seed, size in enumerate((12, 12, 8, 8))]
-    return net, _random_variables(net, views[0].shape), views
+    variables = _random_variables(net, views[0].shape)
+    if dtype == jnp.float64:
+        net, variables, views = float64.model(net), float64.tree(variables), float64.tree(views)
+    return net, variables, views
 
 
-def _assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+# Grouped vs sequential passes, shared vs per-device statistics: float64 programs of the same math
+# differ by roundoff; BatchNorm over 4 images amplifies it (~1e3 eps: 1e-4 in float32), which in
+# float64 is ~2e-13, so 1e-10 (absolute 1e-12 for values near 0) has a 500x margin.
+def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
@@ -212,13 +221,9 @@ def _slices(outputs, size):
 
 def test_forward_views_separate_equals_one_pass_per_view():
     """bn_views="separate" (default): the same outputs and running averages as four forward
-    passes, one per view, each with its own BN statistics (SimSiam's code). In float64, to
-    roundoff: in float32 the 4-image BN statistics amplify roundoff to ~1e-4."""
-    net, variables, views = _tiny_setup()
+    passes, one per view, each with its own BN statistics (SimSiam's code)."""
     with jax.enable_x64(True):
-        net = net.clone(dtype=jnp.float64)
-        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
-        views = [jnp.asarray(v, jnp.float64) for v in views]
+        net, variables, views = _tiny_setup(dtype=jnp.float64)
         outs, state = _run(net, variables, views, True, models.SiameseNet.forward_views)
         assert len(outs) == 4
         refs, stats = [], {"batch_stats": variables["batch_stats"]}
@@ -226,30 +231,31 @@ def test_forward_views_separate_equals_one_pass_per_view():
             ref, stats = _run(net, {"params": variables["params"], **stats}, view, True)
             refs.append(ref)
         for out, ref in zip(outs, refs):
-            _assert_trees_close(out, ref, rtol=1e-10, atol=1e-12)
-        _assert_trees_close(state, stats, rtol=1e-10, atol=1e-12)
+            _assert_trees_close(out, ref)
+        _assert_trees_close(state, stats)
         targets, _ = _run(net, variables, views[:2], True, models.SiameseNet.forward_views,
                           predict=False)
         assert targets[1].mu is None and targets[1].z.dtype == jnp.float64
-        np.testing.assert_allclose(targets[1].z, refs[1].z, rtol=1e-10, atol=1e-12)
+        _assert_trees_close(targets[1].z, refs[1].z)
         # In eval mode the grouping does not matter.
         evals = _run(net, variables, views, False, models.SiameseNet.forward_views)
         alone = _run(net, variables, views[2], False)
-        np.testing.assert_allclose(evals[2].mu, alone.mu, rtol=1e-10, atol=1e-12)
+        _assert_trees_close(evals[2].mu, alone.mu)
 
 
 def test_forward_views_joint_shares_statistics_per_size():
     """bn_views="joint": one pass per crop size on the concatenated views (SwAV/DINO)."""
-    net, variables, views = _tiny_setup()
-    joint = net.clone(bn_views="joint")
-    outs, state = _run(joint, variables, views, True, models.SiameseNet.forward_views)
-    ref_global, st = _run(net, variables, jnp.concatenate(views[:2]), True)
-    ref_local, st = _run(net, {"params": variables["params"], **st}, jnp.concatenate(views[2:]),
-                         True)
-    for out, ref in zip(outs, _slices((ref_global, ref_local), 4)):
-        _assert_trees_close(out, ref)
-    _assert_trees_close(state, st)
-    separate, _ = _run(net, variables, views, True, models.SiameseNet.forward_views)
+    with jax.enable_x64(True):
+        net, variables, views = _tiny_setup(dtype=jnp.float64)
+        joint = net.clone(bn_views="joint")
+        outs, state = _run(joint, variables, views, True, models.SiameseNet.forward_views)
+        ref_global, st = _run(net, variables, jnp.concatenate(views[:2]), True)
+        ref_local, st = _run(net, {"params": variables["params"], **st},
+                             jnp.concatenate(views[2:]), True)
+        for out, ref in zip(outs, _slices((ref_global, ref_local), 4)):
+            _assert_trees_close(out, ref)
+        _assert_trees_close(state, st)
+        separate, _ = _run(net, variables, views, True, models.SiameseNet.forward_views)
     assert not np.allclose(outs[1].z, separate[1].z, atol=1e-3)
     with pytest.raises(ValueError, match="bn_views"):
         _run(net.clone(bn_views="shared"), variables, views, True,
@@ -286,36 +292,39 @@ def test_batch_norm_statistics_shared_across_devices():
     assert n == 8, "tests/conftest.py sets 8 CPU devices"
     single = models.SiameseNet(method="vi_simsiam", stem="cifar", **TINY)
     multi = models.SiameseNet(method="vi_simsiam", stem="cifar", axis_name="batch", **TINY)
+    multi_shapes = jax.tree.map(lambda a: a.shape, _shape_init(multi, (2, 8, 8, 3)))
     x = _normal((2 * n, 8, 8, 3), seed=5)
     variables = _random_variables(single, x.shape)
-    multi_shapes = jax.tree.map(lambda a: a.shape, _shape_init(multi, (2, 8, 8, 3)))
     assert jax.tree.map(lambda a: a.shape, variables) == multi_shapes
-    ref, ref_state = _run(single, variables, x, True)
+    with jax.enable_x64(True):
+        single, multi = float64.model(single), float64.model(multi)
+        x, variables = float64.tree(x), float64.tree(variables)
+        ref, ref_state = _run(single, variables, x, True)
 
-    @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
-    def step(v, xs):
-        return multi.apply(v, xs, train=True, mutable=["batch_stats"])
+        @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
+        def step(v, xs):
+            return multi.apply(v, xs, train=True, mutable=["batch_stats"])
 
-    out, state = step(variables, x.reshape(n, 2, 8, 8, 3))
-    np.testing.assert_allclose(out.z.reshape(2 * n, -1), ref.z, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(out.kappa.reshape(-1), ref.kappa, rtol=1e-3, atol=1e-4)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
-        np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
+        out, state = step(variables, x.reshape(n, 2, 8, 8, 3))
+        _assert_trees_close(out.z.reshape(2 * n, -1), ref.z)
+        _assert_trees_close(out.kappa.reshape(-1), ref.kappa)
+        _assert_trees_close(jax.tree.map(lambda a: a[0], state), ref_state)
 
-    # Two views per device shard (view 0 then view 1): per-view statistics over all devices.
-    views = [x, _normal((2 * n, 8, 8, 3), seed=6)]
-    ref_views, ref_state = _run(single, variables, views, True, models.SiameseNet.forward_views)
+        # Two views per device shard (view 0 then view 1): per-view statistics over all devices.
+        views = [x, float64.tree(_normal((2 * n, 8, 8, 3), seed=6))]
+        ref_views, ref_state = _run(single, variables, views, True,
+                                    models.SiameseNet.forward_views)
 
-    @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
-    def views_step(v, xs):
-        return multi.apply(v, list(xs), True, method=models.SiameseNet.forward_views,
-                           mutable=["batch_stats"])
+        @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
+        def views_step(v, xs):
+            return multi.apply(v, list(xs), True, method=models.SiameseNet.forward_views,
+                               mutable=["batch_stats"])
 
-    outs, state = views_step(variables, jnp.stack([a.reshape(n, 2, 8, 8, 3) for a in views], 1))
-    for out, ref in zip(outs, ref_views):
-        np.testing.assert_allclose(out.z.reshape(2 * n, -1), ref.z, rtol=1e-3, atol=1e-4)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
-        np.testing.assert_allclose(a[0], b, rtol=1e-3, atol=1e-4)
+        outs, state = views_step(variables,
+                                 jnp.stack([a.reshape(n, 2, 8, 8, 3) for a in views], 1))
+        for out, ref in zip(outs, ref_views):
+            _assert_trees_close(out.z.reshape(2 * n, -1), ref.z)
+        _assert_trees_close(jax.tree.map(lambda a: a[0], state), ref_state)
 
 
 def test_ema_update():

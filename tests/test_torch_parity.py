@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from experiments.configs import paper
+from tests import float64
 from vi_simsiam_jax import datasets, models, train, train_state
 from vi_simsiam_jax.torch_export import torch_state_dict
 
@@ -156,13 +157,8 @@ def _batches(config: ml_collections.ConfigDict) -> list[list[np.ndarray]]:
 def _train_jax(config, batches):
     """STEPS steps of train.train_step in float64; initial and final variables, losses."""
     with jax.enable_x64(True):
-        model = train_state.make_model(config, axis_name=None).clone(dtype=jnp.float64)
+        model = float64.model(train_state.make_model(config, axis_name=None))
         state = train_state.create_train_state(jax.random.key(config.seed), config, model, STEPS)
-        to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
-        params = to64(state.params)
-        state = state.replace(params=params, batch_stats=to64(state.batch_stats),
-                              opt_state=state.tx.init(params),
-                              target_variables=to64(state.target_variables))
         initial = {"params": state.params, "batch_stats": state.batch_stats}
         step = jax.jit(train.configured_train_step(model, config, STEPS))
         step_losses = []

@@ -24,30 +24,53 @@ def _views(config, batch_size, seed=0):
 
 
 @functools.cache
-def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad"):
+def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad", dtype: str = "float32"):
     config = tiny_config(method, target)
+    config.model.dtype = dtype
     return train_state.create_train_state(jax.random.key(0), config,
                                          train_state.make_model(config), 10)
 
 
 @functools.cache
-def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto"):
+def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto",
+                  dtype: str = "float32"):
     config = tiny_config(method, target)
+    config.model.dtype = dtype
     model = train_state.make_model(config, axis_name=axis_name)
     step = train.configured_train_step(model, config, 10)
     return jax.pmap(step, axis_name=train_state.AXIS_NAME,
                     devices=jax.local_devices()[:num_devices])
 
 
-def _one_step(method, target, views, num_devices, axis_name="auto"):
-    """One pmapped step from the initial state; returns the unreplicated state and metrics."""
-    state = _initial_state(method, target)
+def _one_step(method, target, views, num_devices, axis_name="auto", dtype="float32"):
+    """One pmapped step from the initial state; returns the unreplicated state and metrics.
+    dtype "float64": the model, state and views in float64 (call inside jax.enable_x64)."""
+    state, views = _initial_state(method, target, dtype), [v.astype(dtype) for v in views]
     replicate = lambda tree: jax.tree.map(lambda x: np.stack([x] * num_devices), tree)
     shard = lambda v: v.reshape((num_devices, -1) + v.shape[1:])
     keys = jax.random.split(jax.random.key(1), num_devices)
-    state, metrics = _p_train_step(method, target, num_devices, axis_name)(
+    state, metrics = _p_train_step(method, target, num_devices, axis_name, dtype)(
         replicate(state), [shard(v) for v in views], keys)
-    return jax.tree.map(lambda x: x[0], (state, metrics))
+    return jax.tree.map(lambda x: np.asarray(x[0]), (state, metrics))
+
+
+# Two float64 programs of the same step (8 devices vs 1, with or without the device axis) differ
+# by roundoff in other summation orders: the float32 runs of these comparisons differ by up to
+# ~1e3 eps32 relative (the loss: Power Spherical terms ~100x the sum, BatchNorm over 1-4
+# examples per device), so the float64 runs by ~1e3 eps64 ~ 2e-13; 1e-10 keeps 500x of margin,
+# while a wrong collective or a missing pmean changes the step by > 1e-3.
+RTOL64, ATOL64 = 1e-10, 1e-12
+
+
+def _assert_same_step(a, b, names, metrics):
+    (state_a, metrics_a), (state_b, metrics_b) = a, b
+    assert int(state_a.step) == int(state_b.step) == 1
+    for name in names:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL64, atol=ATOL64),
+                     getattr(state_a, name), getattr(state_b, name))
+    for name in metrics:
+        np.testing.assert_allclose(metrics_a[name], metrics_b[name], rtol=RTOL64, atol=ATOL64,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("target", ["stopgrad", "ema"])
@@ -55,15 +78,14 @@ def test_eight_devices_equal_one_device(target):
     assert jax.local_device_count() == 8
     config = tiny_config("vi_simsiam", target)
     views = _views(config, batch_size=16)
-    state_8, metrics_8 = _one_step("vi_simsiam", target, views, 8)
-    state_1, metrics_1 = _one_step("vi_simsiam", target, views, 1)
-    assert int(state_8.step) == int(state_1.step) == 1
-    for name in ("params", "batch_stats", "target_variables"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-                     getattr(state_8, name), getattr(state_1, name))
-    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    with jax.enable_x64(True):
+        eight = _one_step("vi_simsiam", target, views, 8, dtype="float64")
+        one = _one_step("vi_simsiam", target, views, 1, dtype="float64")
+    # Of the metrics, those that do not depend on the split (z_std, kappa_std: per device).
+    _assert_same_step(eight, one, ("params", "batch_stats", "target_variables"),
+                      ("loss", "cosine", "kappa_mean", "kappa_min", "kappa_max", "grad_norm"))
     # The step really moved the parameters (otherwise the equality above proves nothing).
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state_1.params,
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one[0].params,
                          _initial_state("vi_simsiam", target).params)
     assert max(jax.tree.leaves(moved)) > 1e-4
 
@@ -97,16 +119,12 @@ def test_single_device_step_without_collectives_equals_synchronised_step(monkeyp
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert train_state.data_parallel_axis() is None
     assert train_state.make_model(tiny_config()).axis_name is None
-    config = tiny_config()
-    views = _views(config, batch_size=16)
-    state_axis, metrics_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train_state.AXIS_NAME)
-    state_none, metrics_none = _one_step("vi_simsiam", "stopgrad", views, 1, None)
-    for name in ("params", "batch_stats", "opt_state"):
-        # float32 roundoff of differently fused programs, after a step of lr 0.01 on Eq. 12.
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-                     getattr(state_none, name), getattr(state_axis, name))
-    for name in metrics_axis:  # atol for metrics near 0 (cos(p, z) at init is ~2e-3)
-        np.testing.assert_allclose(metrics_none[name], metrics_axis[name], rtol=1e-5, atol=1e-6)
+    views = _views(tiny_config(), batch_size=16)
+    with jax.enable_x64(True):
+        with_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train_state.AXIS_NAME,
+                              dtype="float64")
+        without = _one_step("vi_simsiam", "stopgrad", views, 1, None, dtype="float64")
+    _assert_same_step(without, with_axis, ("params", "batch_stats", "opt_state"), with_axis[1])
 
 
 def test_non_finite_step_leaves_state_unchanged():

@@ -12,7 +12,8 @@ def get_config(dataset: str = "imagenette") -> ml_collections.ConfigDict:
     config = cpu_demo.get_config()
     config.dataset = dataset
     config.global_size, config.local_size, config.local_crops = 16, 8, 1
-    config.model.update(stem="cifar", width=4, proj_hidden_dim=16, dim=16, pred_dim=8)
+    config.model.update(stem="cifar", width=4, proj_hidden_dim=16, dim=16, pred_dim=8,
+                        dtype="float32")  # float64 (with JAX_ENABLE_X64=1): tests of collectives
     config.learning_rate = 0.01  # float32 roundoff in one update stays below 1e-5
     config.batch_size = 8
     config.num_epochs = 2
