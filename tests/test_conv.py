@@ -1,5 +1,6 @@
 """The CPU formulations of vi_simsiam_jax.conv equal XLA's native convolution / nn.Conv and
-nn.max_pool: outputs, gradients (input and kernel) to 1e-5, parameter trees, tie handling."""
+nn.max_pool: outputs, gradients (input and kernel) to float64 roundoff, parameter trees, tie
+handling."""
 
 import functools
 import os
@@ -39,9 +40,22 @@ CASES = [
 ]
 
 
-def _assert_close(actual, expected, tol=1e-5):
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every comparison in float64: the formulations are the same math (products of the same
+    values, summed in other orders; Winograd's transforms have coefficients 0, +-1 and +-1/2),
+    and in float32 their roundoff would set the tolerance."""
+    with jax.enable_x64(True):
+        yield
+
+
+# An output sums n <= 9 x 128 products; in any order its float64 roundoff is <= n eps64 times
+# the sum of their magnitudes (~6x the largest output here), <= 1e-12 of the largest output
+# (Winograd: a few times more). 1e-11 holds that; a wrong tap, pad or phase is an O(1) error.
+def _assert_close(actual, expected, tol=1e-11):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype == np.float64
     scale = max(1.0, float(np.max(np.abs(expected))))
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
 
@@ -65,10 +79,10 @@ PLANS = [conv_lib.Plan("im2col", "im2col", "im2col"), conv_lib.Plan("native", "p
 @pytest.mark.parametrize("size,cin,cout,k,stride,pad", CASES)
 def test_formulations_equal_native_convolution(size, cin, cout, k, stride, pad):
     kx, kw, kg = jax.random.split(jax.random.key(size * 100 + k), 3)
-    x = jax.random.normal(kx, (3, size, size, cin), jnp.float32)
-    w = jax.random.normal(kw, (k, k, cin, cout), jnp.float32) / np.sqrt(k * k * cin)
+    x = jax.random.normal(kx, (3, size, size, cin), jnp.float64)
+    w = jax.random.normal(kw, (k, k, cin, cout), jnp.float64) / np.sqrt(k * k * cin)
     out = (size + 2 * pad - k) // stride + 1
-    g = jax.random.normal(kg, (3, out, out, cout), jnp.float32)
+    g = jax.random.normal(kg, (3, out, out, cout), jnp.float64)
     pads = ((pad, pad), (pad, pad))
     plans = PLANS + [conv_lib.choose(x.shape, w.shape, (stride, stride), pads)]
     if conv_lib.winograd_applies((k, k), (stride, stride), pads):
@@ -104,7 +118,7 @@ def _three_layer_net(conv_module):
 def test_module_equals_nn_conv():
     """Same parameter tree (names, shapes, initial values), outputs and gradients as nn.Conv,
     for every policy, with flax's padding forms and a bias."""
-    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3), jnp.float64)
 
     def value_and_grads(net, params):
         loss = lambda params, x: sum(jnp.sum(jnp.sin(y)) for y in net.apply(params, x))
@@ -112,12 +126,15 @@ def test_module_equals_nn_conv():
 
     plain = _three_layer_net(nn.Conv)
     params = plain.init(jax.random.key(0), x)
-    value, grads = value_and_grads(plain, params)
     for policy in conv_lib.POLICIES:
         net = _three_layer_net(conv_lib.cpu_conv(policy))
         cpu_params = net.init(jax.random.key(0), x)
         assert jax.tree.structure(cpu_params) == jax.tree.structure(params)
         jax.tree.map(np.testing.assert_array_equal, cpu_params, params)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    value, grads = value_and_grads(plain, params)
+    for policy in conv_lib.POLICIES:
+        net = _three_layer_net(conv_lib.cpu_conv(policy))
         cpu_value, cpu_grads = value_and_grads(net, params)
         _assert_close(cpu_value, value)
         jax.tree.map(_assert_close, cpu_grads, grads)
@@ -126,9 +143,9 @@ def test_module_equals_nn_conv():
 def test_chunked_weight_gradient_with_several_chunks(monkeypatch):
     monkeypatch.setattr(conv_lib, "DW_CHUNK_PIXELS", 128)  # 2 images of 8x8 per chunk: 3 chunks
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (6, 8, 8, 4), jnp.float32)
-    w = jax.random.normal(kw, (3, 3, 4, 8), jnp.float32)
-    g = jax.random.normal(kg, (6, 8, 8, 8), jnp.float32)
+    x = jax.random.normal(kx, (6, 8, 8, 4), jnp.float64)
+    w = jax.random.normal(kw, (3, 3, 4, 8), jnp.float64)
+    g = jax.random.normal(kg, (6, 8, 8, 8), jnp.float64)
     chunked = functools.partial(conv_lib.conv_planned,
                                 plan=conv_lib.Plan("native", "native", "chunked"))
     result = jax.jit(lambda x, w, g: _conv_and_grads(chunked, x, w, g, 1, 1))(x, w, g)
@@ -139,11 +156,11 @@ def test_chunked_weight_gradient_with_several_chunks(monkeypatch):
 def test_winograd_in_chunks(monkeypatch):
     """Inputs of WINOGRAD_MIN_CHUNKS chunks or more go through the chunked (fori_loop) Winograd:
     here 8 chunks of two 6x6x16 images, in the forward and the input gradient."""
-    monkeypatch.setattr(conv_lib, "WINOGRAD_CHUNK_BYTES", 2 * 6 * 6 * 16 * 4)
+    monkeypatch.setattr(conv_lib, "WINOGRAD_CHUNK_BYTES", 2 * 6 * 6 * 16 * 8)  # float64
     kx, kw, kg = jax.random.split(jax.random.key(2), 3)
-    x = jax.random.normal(kx, (16, 6, 6, 16), jnp.float32)
-    w = jax.random.normal(kw, (3, 3, 16, 16), jnp.float32) / 12
-    g = jax.random.normal(kg, (16, 6, 6, 16), jnp.float32)
+    x = jax.random.normal(kx, (16, 6, 6, 16), jnp.float64)
+    w = jax.random.normal(kw, (3, 3, 16, 16), jnp.float64) / 12
+    g = jax.random.normal(kg, (16, 6, 6, 16), jnp.float64)
     winograd = functools.partial(conv_lib.conv_planned,
                                  plan=conv_lib.Plan("winograd", "winograd", "winograd"))
     conv_and_grads = lambda x, w, g: _conv_and_grads(winograd, x, w, g, 1, 1)
@@ -233,9 +250,9 @@ def test_max_pool_propagates_nan():
 def test_training_model_equals_plain_flax_model():
     """The SiameseNet that train_state.make_model builds on CPU (CPU convolutions and max-pool) has
     the parameter tree of one built from nn.Conv / nn.max_pool, and the same outputs, BN statistics
-    and parameter gradients to 1e-5 (imagenet stem at 32 px: strided, 1x1 and 1x1-output convs).
-    In float64: through 20 layers with BatchNorm, float32 roundoff alone moves some gradients by
-    4e-5 (plain model, batch order reversed)."""
+    and parameter gradients (imagenet stem at 32 px: strided, 1x1 and 1x1-output convs). Through
+    20 layers with BatchNorm, float32 roundoff alone moves some gradients by 4e-5 (plain model,
+    batch order reversed), ~3e2 eps32: in float64 ~1e-13, inside _assert_close's 1e-11."""
     from tests import tiny_config
     from vi_simsiam_jax import train_state
 
@@ -244,7 +261,7 @@ def test_training_model_equals_plain_flax_model():
     model = train_state.make_model(config, axis_name=None)
     assert model.conv is not nn.Conv and model.max_pool is pooling.max_pool
     plain = model.clone(conv=nn.Conv, max_pool=nn.max_pool)
-    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3), jnp.float64)
     variables = plain.init(jax.random.key(1), x, False)
     assert (jax.tree.map(jnp.shape, model.init(jax.random.key(1), x, False))
             == jax.tree.map(jnp.shape, variables))
@@ -253,10 +270,9 @@ def test_training_model_equals_plain_flax_model():
         out, stats = net.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
         return jnp.sum(jnp.sin(out.mu)) + jnp.sum(out.kappa) + jnp.sum(out.z ** 2), (out, stats)
 
-    with jax.enable_x64(True):
-        x, variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (x, variables))
-        results = [jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(
-            variables["params"], net.clone(dtype=jnp.float64)) for net in (model, plain)]
+    x, variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (x, variables))
+    results = [jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(
+        variables["params"], net.clone(dtype=jnp.float64)) for net in (model, plain)]
     jax.tree.map(_assert_close, *results)
 
 
