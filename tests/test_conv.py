@@ -257,7 +257,7 @@ def test_training_model_equals_plain_flax_model():
     from vi_simsiam_jax import train_state
 
     config = tiny_config.get_config()
-    config.model.stem = "imagenet"
+    config.model.stem, config.conv = "imagenet", "auto"
     model = train_state.make_model(config, axis_name=None)
     assert model.conv is not nn.Conv and model.max_pool is pooling.max_pool
     plain = model.clone(conv=nn.Conv, max_pool=nn.max_pool)

@@ -21,6 +21,7 @@ import jax, numpy as np
 from tests import tiny_config
 from vi_simsiam_jax import train, train_state
 config = tiny_config.get_config()
+config.conv = "auto"  # the CPU plans, as a CPU machine trains
 model = train_state.make_model(config)
 state = train_state.abstract_train_state(config, model)
 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype), state)

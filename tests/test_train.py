@@ -19,38 +19,43 @@ def tiny_config(method: str = "vi_simsiam", target: str = "stopgrad"):
 
 def _views(config, batch_size, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=shape).astype(np.float32)
-            for shape in train_state.view_shapes(config, batch_size)]
+    return [rng.normal(size=shape) for shape in train_state.view_shapes(config, batch_size)]
+
+
+# The step in float64 (tests/float64.py): the claims here are about the math, and the tests that
+# run a step share its few compiled programs (target x device count x axis).
+@pytest.fixture(autouse=True)
+def _float64():
+    with jax.enable_x64(True):
+        yield
 
 
 @functools.cache
-def _initial_state(method: str = "vi_simsiam", target: str = "stopgrad", dtype: str = "float32"):
-    config = tiny_config(method, target)
-    config.model.dtype = dtype
+def _initial_state(target: str = "stopgrad"):
+    config = tiny_config(target=target)
+    config.model.dtype = "float64"
     return train_state.create_train_state(jax.random.key(0), config,
                                          train_state.make_model(config), 10)
 
 
 @functools.cache
-def _p_train_step(method: str, target: str, num_devices: int, axis_name: str | None = "auto",
-                  dtype: str = "float32"):
-    config = tiny_config(method, target)
-    config.model.dtype = dtype
+def _p_train_step(target: str, num_devices: int, axis_name: str | None):
+    config = tiny_config(target=target)
+    config.model.dtype = "float64"
     model = train_state.make_model(config, axis_name=axis_name)
     step = train.configured_train_step(model, config, 10)
     return jax.pmap(step, axis_name=train_state.AXIS_NAME,
                     devices=jax.local_devices()[:num_devices])
 
 
-def _one_step(method, target, views, num_devices, axis_name="auto", dtype="float32"):
-    """One pmapped step from the initial state; returns the unreplicated state and metrics.
-    dtype "float64": the model, state and views in float64 (call inside jax.enable_x64)."""
-    state, views = _initial_state(method, target, dtype), [v.astype(dtype) for v in views]
+def _one_step(target, views, num_devices, axis_name=train_state.AXIS_NAME):
+    """One pmapped VI-SimSiam step from the initial state on `num_devices` devices; returns the
+    unreplicated state and metrics."""
     replicate = lambda tree: jax.tree.map(lambda x: np.stack([x] * num_devices), tree)
     shard = lambda v: v.reshape((num_devices, -1) + v.shape[1:])
     keys = jax.random.split(jax.random.key(1), num_devices)
-    state, metrics = _p_train_step(method, target, num_devices, axis_name, dtype)(
-        replicate(state), [shard(v) for v in views], keys)
+    state, metrics = _p_train_step(target, num_devices, axis_name)(
+        replicate(_initial_state(target)), [shard(v) for v in views], keys)
     return jax.tree.map(lambda x: np.asarray(x[0]), (state, metrics))
 
 
@@ -76,17 +81,14 @@ def _assert_same_step(a, b, names, metrics):
 @pytest.mark.parametrize("target", ["stopgrad", "ema"])
 def test_eight_devices_equal_one_device(target):
     assert jax.local_device_count() == 8
-    config = tiny_config("vi_simsiam", target)
-    views = _views(config, batch_size=16)
-    with jax.enable_x64(True):
-        eight = _one_step("vi_simsiam", target, views, 8, dtype="float64")
-        one = _one_step("vi_simsiam", target, views, 1, dtype="float64")
+    views = _views(tiny_config(target=target), batch_size=16)
+    eight, one = _one_step(target, views, 8), _one_step(target, views, 1)
     # Of the metrics, those that do not depend on the split (z_std, kappa_std: per device).
     _assert_same_step(eight, one, ("params", "batch_stats", "target_variables"),
                       ("loss", "cosine", "kappa_mean", "kappa_min", "kappa_max", "grad_norm"))
     # The step really moved the parameters (otherwise the equality above proves nothing).
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one[0].params,
-                         _initial_state("vi_simsiam", target).params)
+                         _initial_state(target).params)
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
@@ -102,13 +104,15 @@ def test_ema_target_follows_the_scheduled_decay():
     config.ema_schedule = "linear"
     with pytest.raises(ValueError, match="ema_schedule"):
         train_state.ema_decay_schedule(config, 5)
-    initial = _initial_state("vi_simsiam", "ema")
-    state, _ = _one_step("vi_simsiam", "ema", _views(tiny_config(target="ema"), 16), 1)
+    initial = _initial_state("ema")
+    state, _ = _one_step("ema", _views(tiny_config(target="ema"), 16), 1)
     tau = float(train_state.ema_decay_schedule(tiny_config(target="ema"), 10)(0))
     assert tau == pytest.approx(0.996)
     expected = jax.tree.map(lambda old, new: tau * old + (1 - tau) * new,
                             initial.target_variables["params"], state.params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    # Each side rounds two products and a sum: <= 2 eps64 (|old| + |new|) ~ 4e-15 for the
+    # parameters' magnitudes (< 10).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-14),
                  state.target_variables["params"], expected)
 
 
@@ -120,18 +124,15 @@ def test_single_device_step_without_collectives_equals_synchronised_step(monkeyp
     assert train_state.data_parallel_axis() is None
     assert train_state.make_model(tiny_config()).axis_name is None
     views = _views(tiny_config(), batch_size=16)
-    with jax.enable_x64(True):
-        with_axis = _one_step("vi_simsiam", "stopgrad", views, 1, train_state.AXIS_NAME,
-                              dtype="float64")
-        without = _one_step("vi_simsiam", "stopgrad", views, 1, None, dtype="float64")
+    with_axis = _one_step("stopgrad", views, 1)
+    without = _one_step("stopgrad", views, 1, axis_name=None)
     _assert_same_step(without, with_axis, ("params", "batch_stats", "opt_state"), with_axis[1])
 
 
 def test_non_finite_step_leaves_state_unchanged():
-    config = tiny_config()
-    views = _views(config, batch_size=16)
+    views = _views(tiny_config(), batch_size=16)
     views[0][3] = np.nan
-    state, metrics = _one_step("vi_simsiam", "stopgrad", views, 8)
+    state, metrics = _one_step("stopgrad", views, 8)
     initial = _initial_state()
     assert float(metrics["finite"]) == 0.0 and int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, state.params, initial.params)
