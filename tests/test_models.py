@@ -340,31 +340,32 @@ def test_ema_update():
 
 
 def test_target_projections():
-    net, variables, views = _tiny_setup()
-    global_views = views[:2]
+    with jax.enable_x64(True):
+        net, variables, views = _tiny_setup(dtype=jnp.float64)
+        global_views = views[:2]
 
-    @functools.partial(_jit, static_argnums=1)
-    def targets(params, target, target_params):
-        outs, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                            global_views, True, method=models.SiameseNet.forward_views,
-                            mutable=["batch_stats"])
-        tv = {"params": target_params, "batch_stats": variables["batch_stats"]}
-        return models.target_projections(net, outs, global_views, True, target, tv), outs
+        @functools.partial(_jit, static_argnums=1)
+        def targets(params, target, target_params):
+            outs, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                global_views, True, method=models.SiameseNet.forward_views,
+                                mutable=["batch_stats"])
+            tv = {"params": target_params, "batch_stats": variables["batch_stats"]}
+            return models.target_projections(net, outs, global_views, True, target, tv), outs
 
-    params = variables["params"]
-    stop, outs = targets(params, "stopgrad", params)
-    ema, _ = targets(params, "ema", params)
-    assert len(stop) == len(ema) == 2
-    for a, b, out in zip(stop, ema, outs):  # EMA copy equal to the online network: same z
-        np.testing.assert_array_equal(a, out.z)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    other = jax.tree.map(lambda a: a + 0.1 * _normal(a.shape, seed=9), params)
-    moved, _ = targets(params, "ema", other)
-    assert not np.allclose(moved[0], stop[0], atol=1e-3)
-    with pytest.raises(ValueError, match="target"):
-        targets(params, "momentum", params)
-    with pytest.raises(ValueError, match="target_variables"):
-        models.target_projections(net, outs, global_views, True, "ema")
+        params = variables["params"]
+        stop, outs = targets(params, "stopgrad", params)
+        ema, _ = targets(params, "ema", params)
+        assert len(stop) == len(ema) == 2
+        for a, b, out in zip(stop, ema, outs):  # EMA copy equal to the online network: same z
+            np.testing.assert_array_equal(a, out.z)
+            _assert_trees_close(a, b)
+        other = jax.tree.map(lambda a: a + 0.1 * float64.tree(_normal(a.shape, seed=9)), params)
+        moved, _ = targets(params, "ema", other)
+        assert not np.allclose(moved[0], stop[0], atol=1e-3)
+        with pytest.raises(ValueError, match="target"):
+            targets(params, "momentum", params)
+        with pytest.raises(ValueError, match="target_variables"):
+            models.target_projections(net, outs, global_views, True, "ema")
 
 
 def test_end_to_end_multicrop_gradients():
