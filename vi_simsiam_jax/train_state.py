@@ -104,9 +104,9 @@ def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: mod
                        steps_per_epoch: int) -> TrainState:
     """Initialises parameters (on the host, unreplicated), BN statistics, optimiser and target.
 
-    They are float32, or float64 when the model computes in float64 (config.model.dtype, with
-    jax_enable_x64): a step with no float32 rounding, with which the tests check that two
-    programs (one process or several) compute the same step."""
+    They are float32, or float64 when the model computes in float64 (`dtype` in config.model,
+    as the tests' tiny config has, with jax_enable_x64): a step without float32 rounding, with
+    which the tests check that two programs (one process or several) compute the same step."""
     views = [jnp.zeros(shape, jnp.float32) for shape in view_shapes(config, 2)[:1]]
     variables = jax.jit(functools.partial(model.init, method=models.SiameseNet.forward_views),
                         static_argnums=2)(rng, views, False)
