@@ -56,8 +56,8 @@ def test_two_processes_match_one_process(pretrain_data, tmp_path):
             assert process.returncode == 0, stderr[-3000:]
         assert "JAX process 1/2" in stderr
         multi, single = restore(tmp_path / "two", step=2), restore(tmp_path / "one", step=2)
-        initial = train_state.create_train_state(jax.random.key(one.seed), one,
-                                                 train_state.make_model(one), 1).params
+        initial = jax.device_get(train_state.create_train_state(
+            jax.random.key(one.seed), one, train_state.make_model(one), 1).params)
     assert int(multi.step) == int(single.step) == 2
     # Float64 programs that sum in other orders (gloo, 8 devices) differ by roundoff: ~1e3 eps64
     # ~ 2e-13 after 2 steps (as 1e-5 ~ 1e2 eps32 in float32), and 1e-10 keeps 500x of margin.
