@@ -12,7 +12,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "vi_simsiam_jax_test_cache"))
 
 
-import pytest  # noqa: E402  (after the environment set-up above)
+import jax  # noqa: E402  (after the environment set-up above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """JAX's 64-bit types for the test (the float64 comparisons of tests/float64.py)."""
+    with jax.enable_x64(True):
+        yield
 
 
 def pytest_report_header() -> str:

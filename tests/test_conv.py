@@ -40,13 +40,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """Every comparison in float64: the formulations are the same math (products of the same
-    values, summed in other orders; Winograd's transforms have coefficients 0, +-1 and +-1/2),
-    and in float32 their roundoff would set the tolerance."""
-    with jax.enable_x64(True):
-        yield
+# Every comparison in float64: the formulations are the same math (products of the same values,
+# summed in other orders; Winograd's transforms have coefficients 0, +-1 and +-1/2), and in
+# float32 their roundoff would set the tolerance.
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # An output sums n <= 9 x 128 products; in any order its float64 roundoff is <= n eps64 times

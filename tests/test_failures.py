@@ -36,8 +36,8 @@ def test_two_processes_match_one_process(pretrain_data, tmp_path):
     """2 processes x 1 CPU device (gloo collectives) == 1 process x 8 devices, in float64."""
     port = _free_port()
     float64 = "--config.model.dtype=float64"
-    # At XLA's default optimisation level: at level 0 (ENV's) XLA:CPU computes some float64 ops
-    # to about float32 accuracy (the loss moves by 2e-8 relative).
+    # At XLA's default optimisation level: at level 0 (ENV's) XLA:CPU computes this float64
+    # step to about float32 accuracy.
     env = {**ENV, "JAX_ENABLE_X64": "1",
            "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
     processes = [

@@ -24,10 +24,7 @@ def _views(config, batch_size, seed=0):
 
 # The step in float64 (tests/float64.py): the claims here are about the math, and the tests that
 # run a step share its few compiled programs (target x device count x axis).
-@pytest.fixture(autouse=True)
-def _float64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 @functools.cache
