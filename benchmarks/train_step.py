@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks import peer  # noqa: E402
+from benchmarks import compiled_step, peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
 from vi_simsiam_jax import loop, models, train, train_state  # noqa: E402
 from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
@@ -132,49 +132,20 @@ def _cost(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-class JaxStep:
-    """The compiled, pmapped train step on one device, with its state and synthetic views."""
+class JaxStep(compiled_step.CompiledStep):
+    """The compiled step of `config` (with --conv) on one device, and its FLOPs."""
 
     def __init__(self, config):
         model = make_model(config)
-        devices = jax.local_devices()[:1]
-        steps_per_epoch = 1000
-        state = train_state.create_train_state(jax.random.key(0), config, model, steps_per_epoch)
-        self.state = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None], state), devices[0])
-        rng = np.random.default_rng(0)
-        self.views = [jax.device_put(rng.standard_normal((1,) + shape, dtype=np.float32),
-                                     devices[0])
-                      for shape in train_state.view_shapes(config, config.batch_size)]
-        self.keys = jax.random.split(jax.random.key(1), 1)
-        p_step = train.make_p_train_step(model, config, steps_per_epoch)
-        start = time.perf_counter()
-        self.compiled = p_step.lower(self.state, self.views, self.keys).compile()
-        self.compile_s = time.perf_counter() - start
+        super().__init__(config, model)
         self.flops = _cost(self.compiled)
         # The direct method's arithmetic (what PyTorch computes): XLA's count for the same step
         # with nn.Conv, before compilation.
-        native_step = train.make_p_train_step(model.clone(conv=conv_lib.nn.Conv), config,
-                                              steps_per_epoch)
+        native_step = jax.pmap(train.configured_train_step(
+            model.clone(conv=conv_lib.nn.Conv), config, compiled_step.STEPS_PER_EPOCH),
+            axis_name=train_state.AXIS_NAME)
         self.direct_flops = _cost(native_step.lower(self.state, self.views, self.keys))
-        memory = self.compiled.memory_analysis()
-        self.temp_bytes = getattr(memory, "temp_size_in_bytes", None) if memory else None
-        start = time.perf_counter()
-        self._step()
-        self.first_step_s = self.compile_s + time.perf_counter() - start
-
-    def _step(self):
-        self.state, metrics = self.compiled(self.state, self.views, self.keys)
-        jax.block_until_ready(metrics)
-        return metrics
-
-    def time_steps(self, steps: int) -> tuple[list[float], float]:
-        """Seconds of each of `steps` steps, and the last loss."""
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            metrics = self._step()
-            times.append(time.perf_counter() - start)
-        return times, float(metrics["loss"][0])
+        self.first_step_s = self.first_step()
 
 
 def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float]:
@@ -261,7 +232,7 @@ def main(argv: list[str]) -> None:
         "direct_flops_per_step": step.direct_flops, "gflops_per_sec": round(gflops, 1),
         "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "xla_temp_mib": round(step.temp_bytes / 2**20, 1) if step.temp_bytes else None,
+        "xla_temp_mib": step.memory_mib()["xla_temp_mib"],
         "step_s_all": [round(t, 3) for t in jax_times],
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

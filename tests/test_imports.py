@@ -1,12 +1,15 @@
 """The library's mathematics and training step import and run without tensorflow (an accelerator
 host may have only jax, flax and optax); evaluation does not import training."""
 
+import json
+import math
 import subprocess
 import sys
 
 from tests import pretrain_utils
 
-_WITHOUT_TENSORFLOW = """
+# sitecustomize.py of a process (and of the processes it starts) that cannot import tensorflow.
+_NO_TENSORFLOW = """
 import importlib.abc, sys
 
 class NoTensorflow(importlib.abc.MetaPathFinder):
@@ -15,32 +18,30 @@ class NoTensorflow(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is unimportable in this test")
 
 sys.meta_path.insert(0, NoTensorflow())
-import vi_simsiam_jax.train, vi_simsiam_jax.train_state, vi_simsiam_jax.models
-import vi_simsiam_jax.losses, vi_simsiam_jax.power_spherical
-import jax, numpy as np
-from tests import tiny_config
-from vi_simsiam_jax import train, train_state
-config = tiny_config.get_config()
-config.conv = "auto"  # the CPU plans, as a CPU machine trains
-model = train_state.make_model(config)
-state = train_state.abstract_train_state(config, model)
-state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype), state)
-views = [jax.ShapeDtypeStruct((1,) + s, np.float32) for s in train_state.view_shapes(config, 4)]
-keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(1), 1))
-_, metrics = jax.eval_shape(train.make_p_train_step(model, config, 4), state, views, keys)
-assert "tensorflow" not in sys.modules
-print(sorted(metrics))
 """
 
 
-def test_training_step_traces_without_tensorflow():
-    """Imports, then traces the whole pmapped step (every line of its Python runs; compiling
-    would add nothing here)."""
-    completed = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW],
-                               cwd=pretrain_utils.REPO, capture_output=True, text=True,
-                               timeout=300, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+def test_step_benchmark_runs_without_tensorflow(tmp_path):
+    """benchmarks.accelerator_step, as an accelerator host without tensorflow runs it, dry-run
+    on the tiny config: model, losses, Power Spherical and the compiled step in both precisions,
+    one JSON line per case."""
+    (tmp_path / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path),
+           **{name: pretrain_utils.ENV[name] for name in ("XLA_FLAGS",
+                                                          "JAX_COMPILATION_CACHE_DIR")}}
+    command = [sys.executable, "-m", "benchmarks.accelerator_step",
+               f"--config={pretrain_utils.REPO / 'tests' / 'tiny_config.py'}",
+               "--batch_sizes=4", "--steps=2", "--warmup=1"]
+    completed = subprocess.run(command, cwd=pretrain_utils.REPO, capture_output=True, text=True,
+                               timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "'kappa_mean'" in completed.stdout and "'loss'" in completed.stdout
+    cases = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [(c["batch_size"], c["precision"]) for c in cases] == [(4, "float32"),
+                                                                   (4, "bfloat16")]
+    for case in cases:
+        assert case["view_sizes"] == [16, 16, 8] and math.isfinite(case["loss"])
+        assert case["images_per_sec"] > 0 and case["xla_step_mib"] > 0
+        assert case["device_peak_mib"] is None  # XLA:CPU keeps no allocator statistics
 
 
 def test_evaluation_does_not_import_training():

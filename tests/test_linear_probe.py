@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -273,3 +274,19 @@ def test_checkpoint_of_another_architecture(saved, tmp_path):
 def test_bad_probe_config_names_the_field(saved):
     with pytest.raises(ValueError, match="config.mode"):
         probe.run(saved[0], _config(mode="finetune"))
+
+
+def test_half_precision_encoder_gives_float32_features_close_to_float32(saved):
+    """The probe's `half_precision`: the bfloat16 encoder's features are float32 and differ from
+    the float32 encoder's by the roundoff of ~20 bfloat16 layers (unit roundoff 2^-8 each;
+    BatchNorm renormalises in between, so the errors add rather than compound)."""
+    features = {}
+    for half_precision in (False, True):
+        _, model, variables, _, train_examples, _ = encoder.load(saved[0], None, False,
+                                                                 half_precision)
+        assert jnp.dtype(model.dtype) == (jnp.bfloat16 if half_precision else jnp.float32)
+        features[half_precision] = encoder.centre_crop_features(
+            model, variables, train_examples, batch_size=8, image_size=16).features
+    assert features[True].dtype == np.float32
+    error = np.linalg.norm(features[True] - features[False]) / np.linalg.norm(features[False])
+    assert 0 < error <= 20 * 2.0**-8

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -99,18 +100,29 @@ def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pr
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.learning_rate=-1", "config.learning_rate"),
-    ("--config.method=byol", "config.method"),
-    ("--config.model.bn_views=shared", "config.model.bn_views"),
-    ("--config.loss_reduction=max", "config.loss_reduction"),
-    ("--config.batch_size=0", "config.batch_size"),
-    ("--config.no_such_field=1", "no_such_field"),
+    ("--config.learning_rate=-1", "config.learning_rate"),  # the loop's validation
+    ("--config.no_such_field=1", "no_such_field"),  # ml_collections' flag parser
 ])
 def test_bad_flags_give_clear_errors(pretrain_data, tmp_path, override, message):
     result = subprocess.run(command(pretrain_data, tmp_path, override), cwd=REPO, env=ENV,
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("field,value", [
+    ("method", "byol"), ("model.bn_views", "shared"), ("loss_reduction", "max"),
+    ("batch_size", 0), ("batch_size", 6), ("warmup_epochs", 3), ("local_scale", (0.5, 0.2)),
+])
+def test_invalid_config_values_are_named(field, value):
+    """`loop.validate_config` (which pretraining runs first, see the flags test above) names
+    the field, its value and what it must be; batch 6 does not split over 4 devices."""
+    bad = tiny_config.get_config()
+    parent, _, name = ("." + field).rpartition(".")
+    (bad[parent[1:]] if parent else bad)[name] = value
+    with pytest.raises(ValueError, match=rf"config\.{field} = {re.escape(repr(value))}"):
+        loop.validate_config(bad, num_devices=4)
+    loop.validate_config(tiny_config.get_config(), num_devices=4)
 
 
 def test_missing_dataset_names_the_path(tmp_path):

@@ -72,13 +72,16 @@ class BatchNorm(nn.Module):
         channels = x.shape[-1]
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        # One float32 copy of x feeds both the statistics and the normalisation, so that the two
+        # parts of x's gradient (which nearly cancel) are summed before rounding to a bfloat16 x.
+        out_shape = x.shape
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             mean, var = running_mean.value[None], running_var.value[None]
         else:
             if x.shape[0] % self.views:
                 raise ValueError(f"batch of {x.shape[0]} does not split into {self.views} views.")
-            slices = x.reshape(self.views, -1, channels).astype(compute_dtype)
+            slices = x.reshape(self.views, -1, channels)
             mean = jnp.mean(slices, axis=1)
             mean_square = jnp.mean(jnp.square(slices), axis=1)
             count = slices.shape[1]
@@ -104,7 +107,7 @@ class BatchNorm(nn.Module):
                                          jnp.float32)
         groups = mean.shape[0]
         y = x.reshape(groups, -1, channels) * multiplier[:, None] + offset[:, None]
-        return y.reshape(x.shape).astype(self.dtype)
+        return y.reshape(out_shape).astype(self.dtype)
 
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Any, views: int) -> ModuleDef:

@@ -33,16 +33,29 @@ def data_parallel_axis() -> str | None:
     return AXIS_NAME if jax.device_count() > 1 else None
 
 
-def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Literal["auto"] = "auto"
-               ) -> models.SiameseNet:
+def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Literal["auto"] = "auto",
+               half_precision: bool | None = None) -> models.SiameseNet:
     """The SiameseNet described by config.method and config.model; its BatchNorms synchronise
     over `axis_name` ("auto": `data_parallel_axis()`; None: per-device statistics). Convolution
-    and pooling come from `cpu.layers.select(config.conv)` (same parameters on every backend)."""
+    and pooling come from `cpu.layers.select(config.conv)` (same parameters on every backend).
+
+    half_precision (None: config.half_precision, False when absent): the model computes its
+    convolutions and dense layers in bfloat16; its parameters and BatchNorm statistics are float32
+    either way (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
+    """
     if axis_name == "auto":
         axis_name = data_parallel_axis()
+    if half_precision is None:
+        half_precision = config.get("half_precision", False)
+    model_config = dict(config.model)
+    if half_precision:
+        if jnp.dtype(model_config.get("dtype", jnp.float32)) != jnp.float32:
+            raise ValueError(f"config.half_precision computes in bfloat16; it cannot be combined "
+                             f"with config.model.dtype={model_config['dtype']!r}.")
+        model_config["dtype"] = jnp.bfloat16
     conv, max_pool = layers.select(config.get("conv", "auto"))
     return models.SiameseNet(method=config.method, axis_name=axis_name, conv=conv,
-                             max_pool=max_pool, **config.model)
+                             max_pool=max_pool, **model_config)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int

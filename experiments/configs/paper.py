@@ -53,6 +53,10 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     # Convolution and pooling: "auto" (the XLA:CPU plans of vi_simsiam_jax.cpu on the CPU,
     # XLA's own elsewhere) or "xla" (XLA's own everywhere). Same parameters and values.
     config.conv = "auto"
+    # bfloat16 convolutions and dense layers (mixed precision, as flax's examples/imagenet);
+    # parameters, optimiser state, BatchNorm statistics and the losses stay float32. Off: the
+    # paper's float32, and on a CPU bfloat16 is not faster (benchmarks/README.md).
+    config.half_precision = False
 
     # Optimisation.
     config.batch_size = 64  # global, over all devices and hosts

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.image_size = 0  # 0 = the pretraining global crop size (config.json's global_size)
     config.crop_scale = (0.08, 1.0)  # RandomResizedCrop area range of the augmented recipe
     config.extract_batch_size = 256  # images per encoder forward pass
+    # The frozen encoder in bfloat16 (as pretraining's config.half_precision); features, head
+    # and metrics stay float32.
+    config.half_precision = False
 
     # Linear head and its optimiser.
     config.batch_size = 512

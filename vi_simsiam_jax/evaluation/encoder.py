@@ -190,14 +190,16 @@ def augmented_features(model: models.SiameseNet, variables: Variables,
     return extract_features(model, variables, dataset)
 
 
-def load(workdir: str, step: int | None, random_init: bool
+def load(workdir: str, step: int | None, random_init: bool, half_precision: bool = False
          ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
                     datasets.Examples, datasets.Examples]:
     """The frozen encoder of a pretraining workdir and its data: (pretraining config, model,
     encoder variables, their step, train and val examples). step: checkpoint step (default:
-    newest); random_init: the run's initial weights instead."""
+    newest); random_init: the run's initial weights instead; half_precision: the encoder
+    computes in bfloat16 (`train_state.make_model`), whatever the pretraining did; its features
+    are float32 either way."""
     pretrain_config = checkpoints.load_config(workdir)
-    model = train_state.make_model(pretrain_config, axis_name=None)
+    model = train_state.make_model(pretrain_config, axis_name=None, half_precision=half_precision)
     if random_init:
         variables, step = init_encoder(pretrain_config, model), 0
     else:

@@ -1,0 +1,1 @@
+"""VI-SimSiam in JAX/Flax: self-supervised learning as multimodal variational inference."""
