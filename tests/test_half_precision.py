@@ -42,12 +42,19 @@ def _batch(config) -> list[np.ndarray]:
 
 
 @functools.cache
+def _step(half_precision: bool):
+    """(model, jitted single-device step) of the test config."""
+    config = _config(half_precision)
+    model = train_state.make_model(config, axis_name=None)
+    return model, jax.jit(train.configured_train_step(model, config, STEPS))
+
+
+@functools.cache
 def _trajectory(half_precision: bool, round_inputs: bool = False):
     """(per-step metrics, final state) of STEPS steps from the seed-0 initial state."""
     config = _config(half_precision)
-    model = train_state.make_model(config, axis_name=None)
+    model, step = _step(half_precision)
     state = train_state.create_train_state(jax.random.key(0), config, model, STEPS)
-    step = jax.jit(train.configured_train_step(model, config, STEPS))
     views = _batch(config)
     if round_inputs:
         views = [np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for v in views]
@@ -130,14 +137,13 @@ def test_float32_checkpoint_resumes_in_bfloat16(tmp_path):
     manager = checkpoints.manager(str(tmp_path), _config(False))
     checkpoints.save(manager, STEPS, jax.device_get(state))
     config = _config(half_precision=True)
-    model = train_state.make_model(config, axis_name=None)
+    model, step = _step(half_precision=True)
     restored = checkpoints.restore_latest(manager, train_state.abstract_train_state(config, model))
     manager.close()
     for name in ("step", "params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(restored, name),
                      jax.device_get(getattr(state, name)))
-    _, metrics = jax.jit(train.configured_train_step(model, config, STEPS))(
-        restored, _batch(config), jax.random.key(0))
+    _, metrics = step(restored, _batch(config), jax.random.key(0))
     assert float(metrics["finite"]) == 1.0
 
 

@@ -23,21 +23,20 @@ sys.meta_path.insert(0, NoTensorflow())
 
 def test_step_benchmark_runs_without_tensorflow(tmp_path):
     """benchmarks.accelerator_step, as an accelerator host without tensorflow runs it, dry-run
-    on the tiny config: model, losses, Power Spherical and the compiled step in both precisions,
-    one JSON line per case."""
+    on the tiny config in bfloat16 (float32 is the path every other step test runs): model,
+    losses, Power Spherical and the compiled step, one JSON line per case."""
     (tmp_path / "sitecustomize.py").write_text(_NO_TENSORFLOW)
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path),
            **{name: pretrain_utils.ENV[name] for name in ("XLA_FLAGS",
                                                           "JAX_COMPILATION_CACHE_DIR")}}
     command = [sys.executable, "-m", "benchmarks.accelerator_step",
                f"--config={pretrain_utils.REPO / 'tests' / 'tiny_config.py'}",
-               "--batch_sizes=4", "--steps=2", "--warmup=1"]
+               "--batch_sizes=4", "--precisions=bfloat16", "--steps=2", "--warmup=1"]
     completed = subprocess.run(command, cwd=pretrain_utils.REPO, capture_output=True, text=True,
                                timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     cases = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert [(c["batch_size"], c["precision"]) for c in cases] == [(4, "float32"),
-                                                                   (4, "bfloat16")]
+    assert [(c["batch_size"], c["precision"]) for c in cases] == [(4, "bfloat16")]
     for case in cases:
         assert case["view_sizes"] == [16, 16, 8] and math.isfinite(case["loss"])
         assert case["images_per_sec"] > 0 and case["xla_step_mib"] > 0

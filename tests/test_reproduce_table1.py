@@ -19,7 +19,7 @@ def _run(pretrain_data, workdir, results, readme, seeds="0,1"):
                f"--config.data_dir={data_dir}", f"--datasets={folder}",
                f"--select_dataset={folder}", f"--seeds={seeds}", "--simsiam_learning_rates=0.01",
                "--vi_simsiam_learning_rates=0.01,0.02", "--num_epochs=2,1",
-               "--probe_config.num_epochs=2", "--probe_config.lr_sweep=0.4,1.6",
+               "--probe_config.num_epochs=2", "--probe_config.lr_sweep=1.6",
                "--probe_config.knn_k=5"]
     completed = subprocess.run(command, cwd=pretrain_utils.REPO, env=pretrain_utils.ENV,
                                capture_output=True, text=True, timeout=900)

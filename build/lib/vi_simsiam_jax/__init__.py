@@ -1,1 +1,0 @@
-"""VI-SimSiam in JAX/Flax: self-supervised learning as multimodal variational inference."""
