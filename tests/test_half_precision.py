@@ -152,3 +152,24 @@ def test_half_precision_rejects_another_model_dtype():
     config.model.dtype = "float64"
     with pytest.raises(ValueError, match="half_precision"):
         train_state.make_model(config)
+
+
+def test_batch_norm_input_gradient_is_rounded_to_bfloat16_once(x64):
+    """With an upstream gradient almost in span{1, x_hat} (what normalising removes), BatchNorm's
+    gradient for its input is a small difference of large parts. They are summed in float32 and
+    the result is rounded to the bfloat16 input once, so its error stays within a roundoff of it;
+    rounding the parts first would multiply the error by the cancellation (~100 here)."""
+    rng = np.random.default_rng(0)
+    x = np.asarray(jnp.asarray(rng.normal(size=(16, 32)) * 3 + 5, jnp.bfloat16), np.float64)
+    x_hat = (x - x.mean(0)) / x.std(0)
+    upstream = 1 + 2 * x_hat + 0.01 * rng.normal(size=x.shape)
+    norm = models.BatchNorm(use_running_average=False, dtype=jnp.float64)
+    variables = norm.init(jax.random.key(0), x)
+
+    def input_gradient(x):
+        return jax.grad(lambda x: jnp.sum(
+            upstream * norm.apply(variables, x, mutable=["batch_stats"])[0]))(x)
+
+    exact = np.asarray(input_gradient(jnp.asarray(x)))
+    half = np.asarray(input_gradient(jnp.asarray(x, jnp.bfloat16)), np.float64)
+    assert np.linalg.norm(half - exact) <= 2 * U_BF16 * np.linalg.norm(exact)
