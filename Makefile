@@ -38,7 +38,8 @@ test-newest:
 	rm -rf $(NEWEST_VENV) && $(PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(NEWEST_VENV)/bin/python -m pip install --quiet . pytest pytest-xdist tensorflow-probability
-	$(NEWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -Ei '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy|ml.collections) '
+	$(NEWEST_VENV)/bin/python -m pip list 2>/dev/null \
+		| grep -Ei '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy|ml.collections) '
 	$(NEWEST_VENV)/bin/python -m pytest $(TENSORFLOW_FREE_TESTS)
 
 demo: install
