@@ -14,8 +14,8 @@ STEPS_PER_EPOCH = 1000  # the cosine schedule's length; it does not change the s
 
 
 class CompiledStep:
-    """`train.train_step` for `config` and `model`, pmapped onto the first local device with its
-    state donated, compiled ahead of the first call (`lowered` stays usable until then)."""
+    """`train.make_p_train_step` for `config` and `model` on the first local device (state
+    donated), compiled ahead of the first call (`lowered` stays usable until then)."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: models.SiameseNet):
         device = jax.local_devices()[0]
@@ -26,10 +26,9 @@ class CompiledStep:
         self.views = [jax.device_put(rng.standard_normal((1,) + shape, dtype=np.float32), device)
                       for shape in train_state.view_shapes(config, config.batch_size)]
         self.keys = jax.random.split(jax.random.key(1), 1)
-        self.p_step = jax.pmap(train.configured_train_step(model, config, STEPS_PER_EPOCH),
-                               axis_name=train_state.AXIS_NAME, devices=[device],
-                               donate_argnums=(0,))
-        self.lowered = self.p_step.lower(self.state, self.views, self.keys)
+        # The pretraining loop's pmapped step; its inputs' leading axis of 1 puts it on `device`.
+        self.lowered = train.make_p_train_step(model, config, STEPS_PER_EPOCH).lower(
+            self.state, self.views, self.keys)
         start = time.perf_counter()
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - start
@@ -47,8 +46,8 @@ class CompiledStep:
         return metrics
 
     def time_steps(self, steps: int) -> tuple[list[float], float]:
-        """Seconds of each of `steps` steps, and the last loss."""
-        times = []
+        """Seconds of each of `steps` steps, and the last loss (NaN for no step)."""
+        times, metrics = [], {"loss": [float("nan")]}
         for _ in range(steps):
             start = time.perf_counter()
             metrics = self.step()

@@ -141,9 +141,8 @@ class JaxStep(compiled_step.CompiledStep):
         self.flops = _cost(self.compiled)
         # The direct method's arithmetic (what PyTorch computes): XLA's count for the same step
         # with nn.Conv, before compilation.
-        native_step = jax.pmap(train.configured_train_step(
-            model.clone(conv=conv_lib.nn.Conv), config, compiled_step.STEPS_PER_EPOCH),
-            axis_name=train_state.AXIS_NAME)
+        native_step = train.make_p_train_step(model.clone(conv=conv_lib.nn.Conv), config,
+                                              compiled_step.STEPS_PER_EPOCH)
         self.direct_flops = _cost(native_step.lower(self.state, self.views, self.keys))
         self.first_step_s = self.first_step()
 

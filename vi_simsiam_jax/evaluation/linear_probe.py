@@ -265,7 +265,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     local_only = config.eval_split == "local_val"
     output = output or default_output(workdir, step, random_init, config.eval_split)
     pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
-        workdir, step, random_init, config.get("half_precision", False))
+        workdir, step, random_init, config.half_precision)
     image_size = config.image_size or pretrain_config.global_size
     num_classes = len(train_examples.label_names)
     local_val = datasets.local_val_mask(train_examples.file_names)
