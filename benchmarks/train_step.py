@@ -32,8 +32,11 @@ A pretraining config instead of the reference's shapes, and the real loop on it:
 
     python -m benchmarks.train_step --config=experiments/configs/cpu_demo.py --loop_epochs=1
 
-times the step on that config's views (global and local crops, its model and batch; no
-PyTorch peer, whose script has one crop size), then, with --loop_epochs, runs
+times the pretraining step of that config (global and local crops, its model and batch; no
+PyTorch peer, whose script has one crop size) fed uint8 160 px source images, the views made
+inside it, as `step_s`; beside it, in alternation, the same step on ready views as
+`views_step_s`, and `augmentation_ratio`, the median over the pairs of a step and the view
+step timed next to it of their ratio (with --steps=1, adjacent steps). Then, with --loop_epochs, runs
 `loop.train_and_evaluate` on the config's dataset for that many epochs in a temporary workdir
 (input pipeline, metrics, checkpoints: everything `experiments.pretrain` does). `loop_step_s`
 is the loop's time per step after its first log interval (which holds the compilation), from
@@ -135,15 +138,16 @@ def _cost(compiled) -> float:
 class JaxStep(compiled_step.CompiledStep):
     """The compiled step of `config` (with --conv) on one device, and its FLOPs."""
 
-    def __init__(self, config):
+    def __init__(self, config, augment_views: bool):
         model = make_model(config)
-        super().__init__(config, model)
+        super().__init__(config, model, augment_views=augment_views)
         self.flops = _cost(self.compiled)
         # The direct method's arithmetic (what PyTorch computes): XLA's count for the same step
         # with nn.Conv, before compilation.
         native_step = train.make_p_train_step(model.clone(conv=conv_lib.nn.Conv), config,
-                                              compiled_step.STEPS_PER_EPOCH)
-        self.direct_flops = _cost(native_step.lower(self.state, self.views, self.keys))
+                                              compiled_step.STEPS_PER_EPOCH,
+                                              augment_views=augment_views)
+        self.direct_flops = _cost(native_step.lower(self.state, self.inputs, self.keys))
         self.first_step_s = self.first_step()
 
 
@@ -201,15 +205,25 @@ def torch_peer() -> peer.Server | None:
 def main(argv: list[str]) -> None:
     del argv
     config = bench_config()
-    step = JaxStep(config)
+    # A config's step makes its views from source images, as pretraining does, and is timed
+    # beside the same step on ready views; the reference's shapes are timed on views, as the
+    # PyTorch peer is.
+    with_config = _CONFIG.value is not None
+    step = JaxStep(config, augment_views=with_config)
+    view_step = JaxStep(config, augment_views=False) if with_config else None
     reference = torch_peer()
     step.time_steps(FLAGS.warmup)
+    if view_step:
+        view_step.time_steps(FLAGS.warmup)
     if reference:
         reference.request(str(FLAGS.warmup))
-    jax_times, torch_times, loss, torch_loss = [], [], float("nan"), float("nan")
+    jax_times, view_times, torch_times = [], [], []
+    loss, torch_loss = float("nan"), float("nan")
     for _ in range(FLAGS.rounds):
         times, loss = step.time_steps(FLAGS.steps)
         jax_times += times
+        if view_step:
+            view_times += view_step.time_steps(FLAGS.steps)[0]
         if reference:
             reply = reference.request(str(FLAGS.steps))
             torch_times += reply["step_s"]
@@ -237,6 +251,12 @@ def main(argv: list[str]) -> None:
     }
     if FLAGS.profile:
         result["op_ms_per_step"] = op_time_by_kind(step, FLAGS.steps)
+    if view_times:
+        # Paired: each timed step against the view step timed right after it, so the ratio
+        # does not drift with the machine's speed.
+        ratios = [a / v for a, v in zip(jax_times, view_times)]
+        result.update(views_step_s=round(statistics.median(view_times), 4),
+                      augmentation_ratio=round(statistics.median(ratios), 3))
     if FLAGS.loop_epochs:
         if _CONFIG.value is None:
             raise app.UsageError("--loop_epochs needs --config (the loop reads its dataset).")

@@ -6,6 +6,11 @@ Prepares ImageNette (from $VI_SIMSIAM_DATASETS or ../shared/datasets, else downl
 pretrains VI-SimSiam with experiments/configs/cpu_demo.py, fits the linear probe on it and on
 the same encoder at its random initialisation, runs the kappa analysis, and writes
 <workdir>/report.json. Rerunning resumes the pretraining and redoes the rest.
+
+    python -m experiments.demo --workdir=runs/demo --publish
+
+also copies the report and its sources to results/demo/ and rewrites the README's demo block
+from them (experiments/demo_report.py).
 """
 
 from vi_simsiam_jax import launch
@@ -14,11 +19,14 @@ launch.configure(__name__)  # first: it may restart the process, and XLA reads i
 
 import json
 import os
+import pathlib
+import shutil
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import demo_report, readme_blocks
 from vi_simsiam_jax import datasets, loop
 from vi_simsiam_jax.evaluation import kappa_report, linear_probe
 
@@ -29,6 +37,9 @@ _PROBE_CONFIG = config_flags.DEFINE_config_file(
     "probe_config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
     "Linear probe config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
+_PUBLISH = flags.DEFINE_bool("publish", False, "Also copy the report to results/demo/ and "
+                             "regenerate the README's demo block from it.")
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _accuracy(result: dict) -> dict[str, float]:
@@ -69,6 +80,7 @@ def main(argv: list[str]) -> None:
         "pretrain": {k: last_log.get(k) for k in ("step", "loss", "kappa_mean", "cosine",
                                                   "z_std")},
         "figures": kappa["files"], "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "config": {k: config[k] for k in ("method", "num_epochs", "learning_rate", "seed")},
     }
     path = os.path.join(workdir, "report.json")
     with open(path, "w") as f:
@@ -79,6 +91,13 @@ def main(argv: list[str]) -> None:
     print(f"  kappa median {kappa['kappa']['p50']:.1f}; AUROC of kappa for a correct probe "
           f"prediction: {kappa['auroc_kappa']}")
     print(f"  figures: {os.path.dirname(kappa['files']['summary'])}")
+    if _PUBLISH.value:
+        results = _REPO / "results" / "demo"
+        for name in demo_report.PUBLISHED_FILES:
+            shutil.copy(os.path.join(workdir, name), results / os.path.basename(name))
+        readme_blocks.write(str(_REPO / "README.md"), demo_report.README_BLOCK,
+                            demo_report.markdown(report))
+        print(f"  published to {results} and README.md")
 
 
 if __name__ == "__main__":

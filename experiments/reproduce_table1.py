@@ -36,7 +36,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import protocol, table1_report  # noqa: E402
+from experiments import protocol, readme_blocks, table1_report  # noqa: E402
 from vi_simsiam_jax import checkpoints  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -191,7 +191,7 @@ def report() -> str:
     with open(os.path.join(_RESULTS.value, "table1.md"), "w") as f:
         f.write(table)
     if _README.value:
-        table1_report.update_readme(_README.value, table)
+        readme_blocks.write(_README.value, "table1", table)
     return table
 
 

@@ -2,8 +2,8 @@ r"""Writes a PNG grid: for a few images, the centre crop then each multi-crop vi
 
   python -m experiments.show_augmentations --dataset=imagenette --out=runs/augmentations.png
 
-Views come from `input_pipeline.pretrain_dataset` itself (one host, one device), undone
-from the ImageNet normalisation; the first column is the eval centre crop of the same image.
+Views come from `augment.views`, the function the pretraining step runs, undone from the
+ImageNet normalisation; the first column is the eval centre crop of the same image.
 """
 
 from vi_simsiam_jax import launch
@@ -16,11 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from vi_simsiam_jax import datasets  # noqa: E402
+from vi_simsiam_jax import augment, datasets  # noqa: E402
 from vi_simsiam_jax import input_pipeline as ip  # noqa: E402
 
 _DATASET = flags.DEFINE_string("dataset", "imagenette", "Dataset name or folder path.")
@@ -28,30 +29,31 @@ _ARCHIVE = flags.DEFINE_string("archive", None, "Local fast.ai archive (.tgz) or
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: tfds's).")
 _OUT = flags.DEFINE_string("out", "runs/augmentations.png", "PNG to write.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images (rows) to show.")
-_SEED = flags.DEFINE_integer("seed", 0, "Pipeline seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the image choice and the views.")
 _GLOBAL_SIZE = flags.DEFINE_integer("global_size", 224, "Global crop size.")
 _N_LOCAL = flags.DEFINE_integer("n_local", 6, "Number of local crops.")
 _LOCAL_SIZE = flags.DEFINE_integer("local_size", 96, "Local crop size.")
 
 
 def _unnormalize(image: np.ndarray) -> np.ndarray:
-    return np.clip(image * np.array(ip.STDDEV_RGB) + np.array(ip.MEAN_RGB), 0, 1)
+    return np.clip(image * np.array(augment.STDDEV_RGB) + np.array(augment.MEAN_RGB), 0, 1)
 
 
 def main(argv):
     del argv
     builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value, archive=_ARCHIVE.value)
     examples = datasets.load_examples(builder, "train")
-    crops = ip.MultiCropConfig(global_size=_GLOBAL_SIZE.value, n_local=_N_LOCAL.value,
-                               local_size=_LOCAL_SIZE.value)
-    ds = ip.pretrain_dataset(examples, batch_size=_NUM_IMAGES.value, seed=_SEED.value,
-                             crops=crops, num_steps=1, process_index=0, process_count=1,
-                             local_device_count=1)
-    batch = next(ds.as_numpy_iterator())
-    labels, indices = batch["label"][0], batch["index"][0]
+    crops = augment.MultiCropConfig(global_size=_GLOBAL_SIZE.value, n_local=_N_LOCAL.value,
+                                    local_size=_LOCAL_SIZE.value)
+    indices = np.random.default_rng(_SEED.value).choice(len(examples), _NUM_IMAGES.value,
+                                                        replace=False)
+    source = ip.decode_images(examples.subset(indices))
+    views = augment.views(source.images, source.sizes, indices.astype(np.int32),
+                          jax.random.key(_SEED.value), crops)
+    labels = source.labels
     originals = [ip.center_crop(tf.io.decode_jpeg(examples.images[i], channels=3),
                                 _GLOBAL_SIZE.value).numpy() for i in indices]
-    columns = [originals] + [_unnormalize(v[0]) for v in batch["views"]]
+    columns = [originals] + [_unnormalize(np.asarray(v)) for v in views]
     titles = (["centre crop"] + [f"global {i + 1}" for i in range(crops.n_global)]
               + [f"local {i + 1}" for i in range(crops.n_local)])
     fig, axes = plt.subplots(len(labels), len(columns), squeeze=False,

@@ -8,13 +8,13 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tests import tiny_config
 from tests.pretrain_utils import ENV, REPO, command, config, restore
-from vi_simsiam_jax import input_pipeline, loop
+from vi_simsiam_jax import augment, loop
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     """8 steps, checkpoints every 2: killed after the first, resumed, equal to a whole run."""
@@ -54,18 +54,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path)
 
 def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_path, monkeypatch):
     nan_step = 3  # of the 4 steps of 1 epoch, checkpoints every 2
-    original = input_pipeline.pretrain_dataset
+    run_config = config(pretrain_data, num_epochs=1)
+    original = augment.views
 
-    def poisoned(examples, *, start_step=0, **kwargs):
-        def poison(index, batch):
-            bad = tf.cast(start_step, tf.int64) + index == nan_step
-            views = tuple(tf.where(bad, np.float32(np.nan), view) for view in batch["views"])
-            return {**batch, "views": views}
-        return original(examples, start_step=start_step, **kwargs).enumerate().map(poison)
+    def poisoned(images, sizes, positions, key, crops):
+        bad = positions[0] // run_config.batch_size == nan_step
+        return [jnp.where(bad, np.float32(np.nan), view)
+                for view in original(images, sizes, positions, key, crops)]
 
-    monkeypatch.setattr(input_pipeline, "pretrain_dataset", poisoned)
+    monkeypatch.setattr(augment, "views", poisoned)
     with pytest.raises(FloatingPointError, match=f"at step {nan_step} "):
-        loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(tmp_path))
+        loop.train_and_evaluate(run_config, str(tmp_path))
     state = restore(tmp_path)
     assert int(state.step) == 2  # the newest checkpoint predates the bad step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))

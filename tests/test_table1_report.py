@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import table1_report
+from experiments import readme_blocks, table1_report
 from tests import pretrain_utils
 from vi_simsiam_jax.evaluation import statistics
 
@@ -89,4 +89,4 @@ def test_verdict_follows_the_interval():
 def test_readme_table_is_generated_from_results():
     results = pretrain_utils.REPO / "results" / "table1"
     expected = table1_report.markdown(table1_report.summarize(str(results)))
-    assert table1_report.readme_table(str(pretrain_utils.REPO / "README.md")) == expected
+    assert readme_blocks.read(str(pretrain_utils.REPO / "README.md"), "table1") == expected

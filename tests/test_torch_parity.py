@@ -7,7 +7,6 @@ our batches match `train.train_step`: per-step losses, final parameters and BN r
 import copy
 import math
 import pathlib
-import sys
 import tarfile
 
 import jax
@@ -21,27 +20,12 @@ from PIL import Image
 
 from experiments.configs import paper
 from tests import float64
+from tests.torchvision_import import import_torchvision
 from vi_simsiam_jax import datasets, models, train, train_state
 from vi_simsiam_jax.torch_export import torch_state_dict
 
 
-def _import_torchvision():
-    """torchvision; the package mirror's torchvision wheel is a CUDA build whose C ops do not
-    load next to CPU torch, and torchvision then fails on registering fakes for two of them.
-    Defining their schemas first lets the pure-Python models import (they use no C op)."""
-    try:
-        import torchvision
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.startswith("torchvision")]:
-            del sys.modules[name]
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision
-    return torchvision
-
-
-torchvision = _import_torchvision()
+torchvision = import_torchvision()
 torch.set_default_dtype(torch.float64)
 STEPS = 10
 BATCH = 6

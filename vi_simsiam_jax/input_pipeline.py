@@ -1,109 +1,238 @@
-"""Deterministic, resumable tf.data pipelines for SimSiam pretraining and linear probing.
+"""Deterministic, resumable input for SimSiam pretraining and linear probing.
 
-Every pipeline streams global batches of `batch_size` examples; global step `s` holds the
+Every stream is made of global batches of `batch_size` examples; global step `s` holds the
 stream positions `s * batch_size + j`, and host `process_index` takes the slice
 `j in [process_index * b, (process_index + 1) * b)` with `b = batch_size // process_count`.
-Training streams visit a fresh permutation of the split each epoch
-(`tf.random.experimental.index_shuffle` seeded by (seed, epoch)), dropping the last
-incomplete batch of each epoch. All augmentation randomness comes from stateless ops seeded
-by (seed, stream position), so a stream depends only on its arguments: the same seed gives
-the same batches, and starting at `start_step=k` gives exactly the batches an uninterrupted
-run yields from step k, whatever the number of hosts.
+Training streams visit a fresh permutation of the split each epoch (seeded by (seed, epoch)),
+dropping the last incomplete batch of each epoch. A stream depends only on its arguments: the
+same seed gives the same batches, and starting at `start_step=k` gives exactly the batches an
+uninterrupted run yields from step k, whatever the number of hosts.
+
+Pretraining (`pretrain_batches`) hands the step uint8 source images; the views are made on the
+device (vi_simsiam_jax.augment), so the host only gathers images. The images come from one of
+two sources, chosen by `pretrain_source`:
+- `SourceImages`: the split decoded once into a uint8 array in host memory (cached as .npy
+  next to the prepared tfds data, so later runs do not decode again);
+- `StreamedImages`: for a split too large for memory, tf.data decodes each image as it is
+  needed and shrinks it to fit a fixed square.
+Probe and evaluation pipelines (`probe_train_dataset`, `eval_dataset`) decode and preprocess
+on the host with tf.data.
 
 Each host's batches have leading shape [local_device_count, batch_size // (process_count *
-local_device_count)], images are float32 NHWC normalised with ImageNet mean/std. Besides
-images, every batch has "label" (int32) and "index" (int32, the example's position in
-`examples`); eval batches also have "mask" (float32, 0 for padding).
+local_device_count)]. Pretraining batches hold "image" (uint8 [H, W, 3], the image at the
+top-left, zero-padded), "size" (int32 [2], its true height and width), "position" (int32, its
+stream position), "label" and "index" (int32, the example's position in `examples`); probe and
+eval batches hold "image" (float32 NHWC normalised with ImageNet mean/std), "label", "index",
+and for eval "mask" (float32, 0 for padding).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import jax
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from vi_simsiam_jax.augment import CROP_RATIO, MEAN_RGB, STDDEV_RGB
 from vi_simsiam_jax.datasets import Examples
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
-CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875
-BLUR_SIGMA = (0.1, 2.0)  # SimSiam's (MoCo v2's) Gaussian-blur sigma range in pixels
-BLUR_REFERENCE_SIZE = 224  # the crop size that range was set for
-_BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # Gaussian kernel half-width in pixels.
+SOURCES = ("auto", "memory", "stream")
+# "auto" keeps a split in memory while its padded uint8 array takes at most this fraction of
+# the host's RAM.
+MEMORY_FRACTION = 0.25
 
 Features = dict[str, tf.Tensor]
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiCropConfig:
-    """Views per image: `n_global` crops at `global_size`, then `n_local` at `local_size`.
+class SourceImages:
+    """A split decoded into memory: each image at the top-left of a common shape, zero-padded."""
 
-    Scales are the crop's fraction of the image area (torchvision RandomResizedCrop). Crop
-    counts and sizes default to SwAV's ImageNet multi-crop (2x224 + 6x96). The scales are not
-    SwAV's (0.14-1 global, 0.05-0.14 local): the global range is SimSiam's (0.2-1) and the local
-    range (0.05-0.2) is the part below it, so local crops are the small crops that global crops
-    never are, as in SwAV's split at 0.14. The experiment configs choose sizes for their data
-    (experiments/configs/paper.py).
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    sizes: np.ndarray  # int32 [N, 2]: true height and width
+    labels: np.ndarray  # int32 [N]
 
-    blur_relative: False (default), the blur sigma is drawn from BLUR_SIGMA in output pixels
-    whatever the crop size, as SimSiam's code (and SwAV's on its 96 px crops) does; True, that
-    range is scaled by size / 224, so a crop is blurred as much relative to its content as a
-    224 px crop is (0.03-0.57 px at 64 px, where the default blurs 3.5x more).
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedImages:
+    """A split decoded as it is read; images larger than max_side x max_side are shrunk
+    (antialiased, aspect ratio kept) to fit."""
+
+    examples: Examples
+    max_side: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _decode(jpeg: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def jpeg_sizes(examples: Examples) -> np.ndarray:
+    """int32 [N, 2] (height, width) of each image, read from the JPEG headers."""
+    shapes = tf.data.Dataset.from_tensor_slices(examples.images.tolist()).map(
+        lambda jpeg: tf.io.extract_jpeg_shape(jpeg)[:2], num_parallel_calls=tf.data.AUTOTUNE)
+    return np.stack(list(shapes.as_numpy_iterator())).astype(np.int32).reshape(-1, 2)
+
+
+def decode_images(examples: Examples) -> SourceImages:
+    """Decodes every image of `examples` into one padded uint8 array (tf.data, all cores)."""
+    sizes = jpeg_sizes(examples)
+    height, width = sizes.max(axis=0)
+    images = np.zeros((len(examples), height, width, 3), np.uint8)
+    decoded = tf.data.Dataset.from_tensor_slices(examples.images.tolist()).map(
+        _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for i, image in enumerate(decoded.as_numpy_iterator()):
+        images[i, :image.shape[0], :image.shape[1]] = image
+    return SourceImages(images, sizes, examples.labels)
+
+
+def cached_images(examples: Examples, cache_dir: str) -> SourceImages:
+    """`decode_images(examples)`, saved once under cache_dir as .npy and memory-mapped after.
+
+    The files are named by a hash of the split's file names, so another split or a re-prepared
+    dataset gets its own; each is written under a temporary name and renamed when complete.
     """
+    digest = hashlib.sha256("\n".join(examples.file_names).encode()).hexdigest()[:16]
+    paths = {name: os.path.join(cache_dir, f"{digest}-{name}.npy") for name in ("images", "sizes")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        logging.info("Decoding %d images into %s.", len(examples), cache_dir)
+        decoded = decode_images(examples)
+        os.makedirs(cache_dir, exist_ok=True)
+        for name, path in paths.items():  # sizes last: its presence marks a complete pair
+            temporary = f"{path}.{os.getpid()}.tmp"
+            with open(temporary, "wb") as f:
+                np.save(f, getattr(decoded, name))
+            os.replace(temporary, path)
+    sizes = np.load(paths["sizes"])
+    images = np.load(paths["images"], mmap_mode="r")
+    if len(sizes) != len(examples) or images.shape[:1] != sizes.shape[:1]:
+        raise ValueError(f"Decoded-image cache {paths['images']} does not match the split's "
+                         f"{len(examples)} images; delete it to decode again.")
+    return SourceImages(images, sizes, examples.labels)
 
-    n_global: int = 2
-    global_size: int = 224
-    global_scale: tuple[float, float] = (0.2, 1.0)
-    n_local: int = 6
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.2)
-    blur_relative: bool = False
 
-    def __post_init__(self):
-        for size, (low, high) in self.views():
-            radius = math.ceil(3 * self.blur_sigma(size)[1])
-            if size <= radius or not 0 < low <= high <= 1:
-                raise ValueError(f"Bad crop size {size} (need > {radius}, the blur radius) or "
-                                 f"scale ({low}, {high}) (need 0 < low <= high <= 1) in {self}.")
+def pretrain_source(examples: Examples, source: str = "auto", *, cache_dir: str,
+                    stream_max_side: int = 256) -> SourceImages | StreamedImages:
+    """The pretraining images: in memory ("memory"), streamed ("stream"), or "auto": in memory
+    when the padded uint8 array takes at most MEMORY_FRACTION of the host's RAM."""
+    if source not in SOURCES:
+        raise ValueError(f"Unknown image source {source!r}; expected one of {SOURCES}.")
+    if source == "auto":
+        height, width = jpeg_sizes(examples).max(axis=0)
+        array_bytes = len(examples) * int(height) * int(width) * 3
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        source = "memory" if array_bytes <= MEMORY_FRACTION * ram else "stream"
+        logging.info("Pretraining images %s: %d x %dx%d uint8 = %.2f GB, host RAM %.1f GB.",
+                     "in memory" if source == "memory" else "streamed", len(examples), height,
+                     width, array_bytes / 1e9, ram / 1e9)
+    if source == "memory":
+        return cached_images(examples, cache_dir)
+    return StreamedImages(examples, stream_max_side)
 
-    def views(self) -> list[tuple[int, tuple[float, float]]]:
-        """(size, scale) of each view, global crops first."""
-        return ([(self.global_size, self.global_scale)] * self.n_global
-                + [(self.local_size, self.local_scale)] * self.n_local)
 
-    def blur_sigma(self, size: int) -> tuple[float, float]:
-        """The Gaussian-blur sigma range, in pixels, of a view of `size` px."""
-        if not self.blur_relative:
-            return BLUR_SIGMA
-        return tuple(sigma * size / BLUR_REFERENCE_SIZE for sigma in BLUR_SIGMA)
+def _host_slice(batch_size: int, process_index: int | None, process_count: int | None,
+                local_device_count: int | None) -> tuple[np.ndarray, int]:
+    """This host's positions j within a global batch, and its local device count."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    devices = jax.local_device_count() if local_device_count is None else local_device_count
+    if batch_size % (process_count * devices):
+        raise ValueError(f"batch_size {batch_size} is not divisible by process_count * "
+                         f"local_device_count = {process_count} * {devices}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    host_batch = batch_size // process_count
+    return process_index * host_batch + np.arange(host_batch), devices
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which a training stream visits the examples in `epoch`."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def _training_indices(num_examples: int, batch_size: int, seed: int, start_step: int,
+                      offsets: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(example indices, stream positions) of the `offsets` of each global step from start_step."""
+    if num_examples < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the split's {num_examples} examples.")
+    epoch_steps = steps_per_epoch(num_examples, batch_size)
+    order, order_epoch = None, None
+    for step in itertools.count(start_step):
+        epoch, k = divmod(step, epoch_steps)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_permutation(num_examples, seed, epoch), epoch
+        yield order[k * batch_size + offsets], step * batch_size + offsets
+
+
+def _per_device(batch: Batch, devices: int) -> Batch:
+    return {k: v.reshape(devices, v.shape[0] // devices, *v.shape[1:]) for k, v in batch.items()}
+
+
+def pretrain_batches(source: SourceImages | StreamedImages, *, batch_size: int, seed: int,
+                     start_step: int = 0, process_index: int | None = None,
+                     process_count: int | None = None,
+                     local_device_count: int | None = None) -> Iterator[Batch]:
+    """This host's pretraining batches from start_step on, endless (see the module docstring)."""
+    offsets, devices = _host_slice(batch_size, process_index, process_count, local_device_count)
+    indices = _training_indices(len(source), batch_size, seed, start_step, offsets)
+    if isinstance(source, StreamedImages):
+        yield from _streamed_batches(source, indices, len(offsets), devices)
+        return
+    for index, position in indices:
+        yield _per_device({"image": source.images[index], "size": source.sizes[index],
+                           "position": position.astype(np.int32),
+                           "label": source.labels[index], "index": index.astype(np.int32)},
+                          devices)
+
+
+def _fit(image: tf.Tensor, max_side: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """A uint8 image shrunk, if needed, to fit max_side x max_side (antialiased, aspect ratio
+    kept) and padded to that square; and its size after shrinking."""
+    shape = tf.shape(image)[:2]
+    scale = tf.minimum(1.0, max_side / tf.cast(tf.reduce_max(shape), tf.float32))
+    size = tf.clip_by_value(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32),
+                            1, max_side)
+    image = tf.cond(scale < 1, lambda: tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(image, size, antialias=True), 0, 255)), tf.uint8), lambda: image)
+    return tf.image.pad_to_bounding_box(image, 0, 0, max_side, max_side), size
+
+
+def _streamed_batches(source: StreamedImages, indices: Iterator[tuple[np.ndarray, np.ndarray]],
+                      host_batch: int, devices: int) -> Iterator[Batch]:
+    """tf.data decodes and fits each image of the index stream, on all cores, in order."""
+    jpegs = tf.constant(source.examples.images.tolist(), dtype=tf.string)
+    labels = tf.constant(source.examples.labels, dtype=tf.int32)
+
+    def element(index: tf.Tensor, position: tf.Tensor) -> Features:
+        image, size = _fit(_decode(tf.gather(jpegs, index)), source.max_side)
+        return {"image": image, "size": size, "position": tf.cast(position, tf.int32),
+                "label": tf.gather(labels, index), "index": tf.cast(index, tf.int32)}
+
+    ds = tf.data.Dataset.from_generator(
+        lambda: (pair for index, position in indices for pair in zip(index, position)),
+        output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64)))
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.as_numpy_iterator():
+        yield _per_device(batch, devices)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Number of full global batches in one pass over `num_examples`."""
     return num_examples // batch_size
-
-
-def pretrain_dataset(examples: Examples, *, batch_size: int, seed: int,
-                     crops: MultiCropConfig = MultiCropConfig(), start_step: int = 0,
-                     num_steps: int | None = None, process_index: int | None = None,
-                     process_count: int | None = None, local_device_count: int | None = None,
-                     num_threads: int | None = None) -> tf.data.Dataset:
-    """Pretraining batches {"views": (global..., local...), "label", "index"}: SimSiam views.
-
-    Each view is float32 [devices, per_device, size, size, 3]; infinite if num_steps is None.
-    """
-    def preprocess(image: tf.Tensor, rng: tf.Tensor) -> Features:
-        rngs = _split(rng, len(crops.views()))
-        return {"views": tuple(simsiam_augment(image, rngs[i], size, scale,
-                                               crops.blur_sigma(size))
-                               for i, (size, scale) in enumerate(crops.views()))}
-    return _dataset(examples, preprocess, shuffle=True, batch_size=batch_size, seed=seed,
-                    start_step=start_step, num_steps=num_steps, process_index=process_index,
-                    process_count=process_count, local_device_count=local_device_count,
-                    num_threads=num_threads)
 
 
 def probe_train_dataset(examples: Examples, *, batch_size: int, seed: int,
@@ -160,18 +289,11 @@ def _dataset(examples: Examples, preprocess: Callable[[tf.Tensor, tf.Tensor], Fe
              num_steps: int | None, process_index: int | None, process_count: int | None,
              local_device_count: int | None, num_threads: int | None) -> tf.data.Dataset:
     """Decodes and preprocesses this host's share of the global stream, batched per device."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    devices = jax.local_device_count() if local_device_count is None else local_device_count
+    offsets, devices = _host_slice(batch_size, process_index, process_count, local_device_count)
     n = len(examples)
-    if batch_size % (process_count * devices):
-        raise ValueError(f"batch_size {batch_size} is not divisible by process_count * "
-                         f"local_device_count = {process_count} * {devices}.")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
     if shuffle and n < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the split's {n} examples.")
-    host_batch = batch_size // process_count
+    host_batch = len(offsets)
     epoch_steps = steps_per_epoch(n, batch_size)
     images = tf.constant(examples.images.tolist(), dtype=tf.string)
     labels = tf.constant(examples.labels, dtype=tf.int32)
@@ -180,7 +302,7 @@ def _dataset(examples: Examples, preprocess: Callable[[tf.Tensor, tf.Tensor], Fe
 
     def element(t: tf.Tensor) -> Features:
         step = t // host_batch
-        j = process_index * host_batch + t % host_batch
+        j = int(offsets[0]) + t % host_batch
         position = step * batch_size + j
         if shuffle:
             epoch = step // epoch_steps
@@ -190,8 +312,7 @@ def _dataset(examples: Examples, preprocess: Callable[[tf.Tensor, tf.Tensor], Fe
         else:
             index = tf.minimum(position, n - 1)
         rng = tf.random.experimental.stateless_fold_in(aug_key, position)
-        image = tf.io.decode_jpeg(tf.gather(images, index), channels=3,
-                                  dct_method="INTEGER_ACCURATE")
+        image = _decode(tf.gather(images, index))
         features = preprocess(image, rng)
         features["label"] = tf.gather(labels, index)
         features["index"] = tf.cast(index, tf.int32)
@@ -281,72 +402,3 @@ def _resize(image: tf.Tensor, size) -> tf.Tensor:
     image = tf.cond(shrink, lambda: tf.image.resize(image, size, antialias=True),
                     lambda: tf.image.resize(image, size))
     return tf.clip_by_value(image, 0.0, 1.0)
-
-
-@tf.function(autograph=False, reduce_retracing=True)
-def simsiam_augment(image: tf.Tensor, rng: tf.Tensor, size: int, scale: tuple[float, float],
-                    blur_sigma: tuple[float, float] = BLUR_SIGMA) -> tf.Tensor:
-    """SimSiam's augmentation of a uint8 image into a normalised float32 [size, size, 3] view.
-
-    RandomResizedCrop(size, scale), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with
-    p=0.2, Gaussian blur (sigma uniform in blur_sigma, output pixels) with p=0.5, horizontal
-    flip. A tf.function, so the graph is traced once per (size, scale, blur_sigma) and shared by
-    the views.
-    """
-    keys = _split(rng, 7)
-    image = random_resized_crop(image, keys[0], size, scale)
-    image = _maybe(keys[1], 0.8, lambda x: color_jitter(x, keys[2]), image)
-    image = _maybe(keys[3], 0.2, to_grayscale, image)
-    sigma = tf.random.stateless_uniform([], keys[4], *blur_sigma)
-    radius = math.ceil(3 * blur_sigma[1])
-    image = _maybe(keys[5], 0.5, lambda x: gaussian_blur(x, sigma, radius), image)
-    image = tf.image.stateless_random_flip_left_right(image, keys[6])
-    return normalize(image)
-
-
-def _maybe(rng: tf.Tensor, p: float, fn: Callable[[tf.Tensor], tf.Tensor],
-           image: tf.Tensor) -> tf.Tensor:
-    """fn(image) with probability p."""
-    return tf.cond(tf.random.stateless_uniform([], rng) < p, lambda: fn(image), lambda: image)
-
-
-def color_jitter(image: tf.Tensor, rng: tf.Tensor, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1) -> tf.Tensor:
-    """torchvision ColorJitter on a [0, 1] image: the four adjustments in random order."""
-    keys = _split(rng, 5)
-    b = tf.random.stateless_uniform([], keys[0], 1 - brightness, 1 + brightness)
-    c = tf.random.stateless_uniform([], keys[1], 1 - contrast, 1 + contrast)
-    s = tf.random.stateless_uniform([], keys[2], 1 - saturation, 1 + saturation)
-    h = tf.random.stateless_uniform([], keys[3], -hue, hue)
-    order = tf.argsort(tf.random.stateless_uniform([4], keys[4]))
-    for i in range(4):
-        image = tf.switch_case(order[i], [
-            lambda x=image: _blend(x, tf.zeros_like(x), b),
-            lambda x=image: _blend(x, tf.reduce_mean(to_grayscale(x)), c),
-            lambda x=image: _blend(x, to_grayscale(x), s),
-            lambda x=image: tf.image.adjust_hue(x, h),
-        ])
-    return image
-
-
-def _blend(image: tf.Tensor, other: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return tf.clip_by_value(factor * image + (1 - factor) * other, 0.0, 1.0)
-
-
-def to_grayscale(image: tf.Tensor) -> tf.Tensor:
-    """ITU-R 601 luma (torchvision's weights), repeated over 3 channels."""
-    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
-
-
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int = _BLUR_RADIUS) -> tf.Tensor:
-    """Separable Gaussian blur with reflect padding; kernel radius (default 3 * max sigma of the
-    augmentation) in pixels, below the image size."""
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(x / sigma))
-    kernel /= tf.reduce_sum(kernel)
-    kernel = tf.tile(kernel[:, None, None, None], [1, 1, 3, 1])
-    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
-    blurred = tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, tf.transpose(kernel, [1, 0, 2, 3]), [1, 1, 1, 1],
-                                     "VALID")
-    return blurred[0]

@@ -53,6 +53,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
          "with local_crops, at least 2 views"),
         ("batch_size", config.batch_size > 0 and config.batch_size % num_devices == 0,
          f"a positive multiple of the {num_devices} devices"),
+        ("source_images", config.source_images in input_pipeline.SOURCES,
+         f"one of {input_pipeline.SOURCES}"),
+        ("stream_max_side", config.stream_max_side >= config.global_size,
+         "at least global_size"),
         ("log_every_steps", config.log_every_steps > 0, "positive"),
         ("checkpoint_every_steps", config.checkpoint_every_steps > 0, "positive"),
         ("keep_checkpoints", config.keep_checkpoints > 0, "positive"),
@@ -66,15 +70,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             for part in name.split("."):
                 value = value[part]
             raise ValueError(f"Invalid config.{name} = {value!r}: must be {expected}.")
-
-
-def crops_config(config: ml_collections.ConfigDict) -> input_pipeline.MultiCropConfig:
-    """The multi-crop views a pretraining config asks for."""
-    return input_pipeline.MultiCropConfig(
-        n_global=config.global_crops, global_size=config.global_size,
-        global_scale=tuple(config.global_scale), n_local=config.local_crops,
-        local_size=config.local_size, local_scale=tuple(config.local_scale),
-        blur_relative=config.blur_relative)
 
 
 class MetricWriter:
@@ -188,15 +183,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  "Resuming" if restored is not None else "Starting", start_step, total_steps,
                  steps_per_epoch)
 
-    # An endless stream, of which the loop takes what it needs: at the end of a finite one,
-    # tf.data spends seconds of CPU before it reports that the stream is over (the last step of
-    # a demo-config epoch took a minute: benchmarks.train_step --loop_epochs=1).
-    batches = input_pipeline.pretrain_dataset(
-        examples, batch_size=config.batch_size, seed=config.seed, crops=crops_config(config),
-        start_step=start_step)
+    # An endless stream, of which the loop takes what it needs.
+    source = input_pipeline.pretrain_source(
+        examples, config.source_images, cache_dir=os.path.join(builder.data_dir, "decoded"),
+        stream_max_side=config.stream_max_side)
+    batches = input_pipeline.pretrain_batches(source, batch_size=config.batch_size,
+                                              seed=config.seed, start_step=start_step)
     batches = jax_utils.prefetch_to_device(
-        (batch["views"] for batch in batches.as_numpy_iterator()), 2)
+        ({k: batch[k] for k in ("image", "size", "position")} for batch in batches), 2)
     p_train_step = train.make_p_train_step(model, config, steps_per_epoch)
+    # The views and the model draw from this key, the stream position and the step.
+    step_rng = jax_utils.replicate(jax.random.fold_in(rng, 1))
     # On the step's own mesh axis: an array placed under another axis name has another type
     # for jit, so the second step (fed the first step's output) would compile again.
     state = jax_utils.replicate(state, axis_name=AXIS_NAME)
@@ -208,8 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_log = time.perf_counter()
     try:
         for step in range(start_step, total_steps):
-            step_keys = jax.random.split(jax.random.fold_in(rng, step), jax.local_device_count())
-            state, metrics = p_train_step(state, next(batches), step_keys)
+            state, metrics = p_train_step(state, next(batches), step_rng)
             metrics = jax.device_get(_unreplicate(metrics))
             if not metrics.pop("finite"):
                 raise FloatingPointError(

@@ -1,10 +1,12 @@
 """The pure, data-parallel pretraining step (paper Alg. 1; Eq. 1 for SimSiam, Eq. 12 for
 VI-SimSiam). Imports no tensorflow: it runs wherever jax, flax and optax do.
 
-The step is a function `(state, batch, rng) -> (state, metrics)` run under `jax.pmap` over every
-local device (axis `train_state.AXIS_NAME`): BatchNorm statistics are synchronised across
-devices through the model's `axis_name` and gradients are averaged with `lax.pmean`, so one step
-on N devices equals one step on a single device with the whole batch. The loop around it is
+The pretraining step `pretrain_step` is a function `(state, batch, rng) -> (state, metrics)` run
+under `jax.pmap` over every local device (axis `train_state.AXIS_NAME`): it makes the views of
+the batch's uint8 source images on the device (vi_simsiam_jax.augment), then takes `train_step`
+on them. BatchNorm statistics are synchronised across devices through the model's `axis_name`
+and gradients are averaged with `lax.pmean`, so one step on N devices equals one step on a
+single device with the whole batch. The loop around it is
 `vi_simsiam_jax.loop`.
 """
 
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vi_simsiam_jax import losses, models
-from vi_simsiam_jax.train_state import (AXIS_NAME, TrainState, ema_decay_schedule,
+from vi_simsiam_jax import augment, losses, models
+from vi_simsiam_jax.train_state import (AXIS_NAME, TrainState, crops_config, ema_decay_schedule,
                                         learning_rate_schedule)
 
 Array = jax.Array
@@ -82,19 +84,50 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
     return new_state, metrics
 
 
+def pretrain_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
+                  crops: augment.MultiCropConfig, **step_args) -> tuple[TrainState, dict[str, Array]]:
+    """The pretraining step on source images: `augment.views` of the batch, then `train_step`.
+
+    batch: "image" uint8 [B_local, H, W, 3], "size" int32 [B_local, 2], "position" int32
+    [B_local] (input_pipeline.pretrain_batches). rng: the run's key, the same at every step and
+    on every device: the views draw from (rng, stream position, view), and the model's key from
+    (rng, step, device). step_args: those of `train_step` after `rng`.
+    """
+    view_key, model_key = jax.random.split(rng)
+    views = augment.views(batch["image"], batch["size"], batch["position"], view_key, crops)
+    model_key = jax.random.fold_in(model_key, state.step)
+    if step_args["model"].axis_name:
+        model_key = jax.random.fold_in(model_key, jax.lax.axis_index(step_args["model"].axis_name))
+    return train_step(state, views, model_key, **step_args)
+
+
+def _step_args(model: models.SiameseNet, config: ml_collections.ConfigDict,
+               steps_per_epoch: int) -> dict[str, Any]:
+    return dict(model=model, method=config.method, global_crops=config.global_crops,
+                target=config.target, loss_reduction=config.loss_reduction,
+                ema_decay_fn=ema_decay_schedule(config, steps_per_epoch),
+                learning_rate_fn=learning_rate_schedule(config, steps_per_epoch))
+
+
 def configured_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
                           steps_per_epoch: int):
     """train_step with config's method, targets, loss reduction and schedules bound:
+    (state, views, rng) -> (state, metrics)."""
+    return functools.partial(train_step, **_step_args(model, config, steps_per_epoch))
+
+
+def configured_pretrain_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
+                             steps_per_epoch: int):
+    """pretrain_step with config's crops and `configured_train_step`'s arguments bound:
     (state, batch, rng) -> (state, metrics)."""
-    return functools.partial(train_step, model=model, method=config.method,
-                             global_crops=config.global_crops, target=config.target,
-                             loss_reduction=config.loss_reduction,
-                             ema_decay_fn=ema_decay_schedule(config, steps_per_epoch),
-                             learning_rate_fn=learning_rate_schedule(config, steps_per_epoch))
+    return functools.partial(pretrain_step, crops=crops_config(config),
+                             **_step_args(model, config, steps_per_epoch))
 
 
 def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
-                      steps_per_epoch: int):
-    """`configured_train_step` pmapped over local devices; the state argument is donated."""
-    return jax.pmap(configured_train_step(model, config, steps_per_epoch), axis_name=AXIS_NAME,
-                    donate_argnums=(0,))
+                      steps_per_epoch: int, *, augment_views: bool = True):
+    """The pretraining step pmapped over local devices, state donated: `pretrain_step` on
+    source images, or with augment_views=False `train_step` on ready views."""
+    step = (configured_pretrain_step if augment_views else configured_train_step)(
+        model, config, steps_per_epoch)
+    return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))

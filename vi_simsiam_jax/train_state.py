@@ -11,7 +11,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from vi_simsiam_jax import models
+from vi_simsiam_jax import augment, models
 from vi_simsiam_jax.cpu import layers
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
@@ -107,10 +107,18 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
         {"scheduled": sgd(schedule), "fixed": sgd(config.learning_rate)}, labels)
 
 
+def crops_config(config: ml_collections.ConfigDict) -> augment.MultiCropConfig:
+    """The multi-crop views a pretraining config asks for."""
+    return augment.MultiCropConfig(
+        n_global=config.global_crops, global_size=config.global_size,
+        global_scale=tuple(config.global_scale), n_local=config.local_crops,
+        local_size=config.local_size, local_scale=tuple(config.local_scale),
+        blur_relative=config.blur_relative)
+
+
 def view_shapes(config: ml_collections.ConfigDict, batch_size: int) -> list[tuple[int, ...]]:
     """Shapes (B, H, W, 3) of the multi-crop views: global crops first, then local crops."""
-    return ([(batch_size, config.global_size, config.global_size, 3)] * config.global_crops
-            + [(batch_size, config.local_size, config.local_size, 3)] * config.local_crops)
+    return [(batch_size, size, size, 3) for size, _ in crops_config(config).views()]
 
 
 def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet,

@@ -10,7 +10,7 @@ crops of 128 px with SimSiam's scale 0.2-1 and 4 local crops of 64 px with scale
 area range below the global one (SwAV itself splits at 0.14: 0.14-1 and 0.05-0.14). The other
 augmentations are SimSiam's, the Gaussian-blur sigma in [0.1, 2] output pixels as in SimSiam's
 code whatever the crop size; blur_relative=True scales it to the crop instead
-(input_pipeline.MultiCropConfig).
+(augment.MultiCropConfig).
 """
 
 import ml_collections
@@ -34,6 +34,11 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.local_size = 64
     config.local_scale = (0.05, 0.2)
     config.blur_relative = False  # True: blur sigma scaled by crop size / 224
+    # Source images, augmented on the device: decoded once and held in memory ("memory"), or
+    # decoded as read and shrunk to fit stream_max_side x stream_max_side ("stream"); "auto"
+    # picks memory when the split fits in a quarter of the host's RAM (input_pipeline).
+    config.source_images = "auto"
+    config.stream_max_side = 256
 
     # Method: "vi_simsiam" (Eq. 12) or "simsiam" (Eq. 1); target "stopgrad" (SimSiam) or "ema"
     # (BYOL / VI-BYOL): decay ema_decay, raised to 1 over training by a cosine (BYOL's

@@ -20,7 +20,9 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from vi_simsiam_jax import input_pipeline
+import numpy as np
+
+from vi_simsiam_jax import augment
 
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg_compression", "contrast")
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -59,7 +61,9 @@ def corrupt(image: tf.Tensor, rng: tf.Tensor, name: str, severity: int) -> tf.Te
         size = image.shape[0]
         sigma = c * size / IMAGENET_C_SIZE
         radius = min(math.ceil(BLUR_TRUNCATE * sigma), size - 1)
-        image = input_pipeline.gaussian_blur(image, tf.constant(sigma, tf.float32), radius)
+        # The augmentation's separable blur (reflect padding); sigma is fixed, so is the matrix.
+        blur = tf.constant(np.asarray(augment.blur_matrix(sigma, size, radius)))
+        image = tf.einsum("oh,hwc,pw->opc", blur, image, blur)
     elif name == "jpeg_compression":
         image = tf.image.adjust_jpeg_quality(image, c)
     else:
