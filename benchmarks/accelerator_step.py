@@ -7,9 +7,9 @@ on the first device JAX finds: images/s, compile time and memory, one JSON line 
 
 The config (default experiments/configs/paper.py: ResNet-18, 2 x 128 px + 4 x 64 px crops,
 2048-d projector and predictor outputs, VI-SimSiam) is timed with `benchmarks.compiled_step`
-on synthetic uint8 160 px source images, the views made inside the step as in pretraining; its batch size and precision are set per case. Each case runs in a
-fresh process, so that `device_peak_mib` (the device's allocator peak; None on XLA:CPU) is that
-case's alone. `step_s` is the median of --steps timed steps after --warmup untimed ones;
+on synthetic uint8 160 px source images, the views made inside the step as in pretraining; its
+batch size and precision are set per case. Each case runs in a fresh process, so that
+`device_peak_mib` (the device's allocator peak; None on XLA:CPU) is that case's alone. `step_s` is the median of --steps timed steps after --warmup untimed ones;
 `images_per_sec` counts source images (each seen in every view).
 
 Needs jax, flax, optax, dm-pix and ml_collections, not tensorflow: on an accelerator image

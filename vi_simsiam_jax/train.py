@@ -6,8 +6,7 @@ under `jax.pmap` over every local device (axis `train_state.AXIS_NAME`): it make
 the batch's uint8 source images on the device (vi_simsiam_jax.augment), then takes `train_step`
 on them. BatchNorm statistics are synchronised across devices through the model's `axis_name`
 and gradients are averaged with `lax.pmean`, so one step on N devices equals one step on a
-single device with the whole batch. The loop around it is
-`vi_simsiam_jax.loop`.
+single device with the whole batch. The loop around it is `vi_simsiam_jax.loop`.
 """
 
 import functools
@@ -85,7 +84,8 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
 
 
 def pretrain_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
-                  crops: augment.MultiCropConfig, **step_args) -> tuple[TrainState, dict[str, Array]]:
+                  crops: augment.MultiCropConfig,
+                  **step_args) -> tuple[TrainState, dict[str, Array]]:
     """The pretraining step on source images: `augment.views` of the batch, then `train_step`.
 
     batch: "image" uint8 [B_local, H, W, 3], "size" int32 [B_local, 2], "position" int32
@@ -96,8 +96,9 @@ def pretrain_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
     view_key, model_key = jax.random.split(rng)
     views = augment.views(batch["image"], batch["size"], batch["position"], view_key, crops)
     model_key = jax.random.fold_in(model_key, state.step)
-    if step_args["model"].axis_name:
-        model_key = jax.random.fold_in(model_key, jax.lax.axis_index(step_args["model"].axis_name))
+    axis = step_args["model"].axis_name
+    if axis:
+        model_key = jax.random.fold_in(model_key, jax.lax.axis_index(axis))
     return train_step(state, views, model_key, **step_args)
 
 
