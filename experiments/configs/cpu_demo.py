@@ -10,7 +10,7 @@ held out from the probe's fit (no val image encoded), 6 epochs, seed 0 (results/
         --output=results/demo_lr.json
 
 lr 0.0005: 40.18, 0.001: 46.15, 0.002: 42.56, 0.005: 36.22; the encoder at random init: 36.69.
-6 epochs (882 steps) keep `make demo` near half an hour on 2 cores.
+6 epochs: 882 steps on ImageNette (its time: benchmarks/README.md, "Demo config").
 """
 
 import ml_collections
