@@ -261,7 +261,12 @@ def main(argv: list[str]) -> None:
         if _CONFIG.value is None:
             raise app.UsageError("--loop_epochs needs --config (the loop reads its dataset).")
         result.update(loop_step_s(config, FLAGS.loop_epochs))
-        result["loop_fraction_of_step"] = round(step_s / result["loop_step_s"], 3)
+        # The machine's speed drifts over the minutes of the loop: the step is timed again
+        # after it, and the loop compared with the step's median on both sides.
+        after, _ = step.time_steps(FLAGS.steps * FLAGS.rounds)
+        result.update(step_s_after_loop=round(statistics.median(after), 4),
+                      loop_fraction_of_step=round(
+                          statistics.median(jax_times + after) / result["loop_step_s"], 3))
     if torch_times:
         torch_step_s = statistics.median(torch_times)
         result.update(torch_first_step_s=reference.ready["first_step_s"],

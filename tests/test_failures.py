@@ -40,19 +40,23 @@ def test_two_processes_match_one_process(pretrain_data, tmp_path):
     # step to about float32 accuracy.
     env = {**ENV, "JAX_ENABLE_X64": "1",
            "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
-    processes = [
-        subprocess.Popen(command(pretrain_data, tmp_path / "two", "--config.num_epochs=1", float64,
-                                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}"),
-                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
-        for i in range(2)]
+    # Each process logs to a file: a pipe that the test does not read while it waits for the
+    # other process fills up, and the blocked writer never reaches JAX's shutdown barrier.
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    processes = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as stderr:
+            processes.append(subprocess.Popen(
+                command(pretrain_data, tmp_path / "two", "--config.num_epochs=1", float64,
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}"),
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
     # The reference runs after them: beside them it took the cores that the two processes need
     # to reach their first collective within gloo's 30 s of each other.
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-    assert "JAX process 1/2" in stderr
+    for process, log in zip(processes, logs):
+        process.wait(timeout=600)
+        assert process.returncode == 0, log.read_text()[-3000:]
+    assert "JAX process 1/2" in logs[1].read_text()
     with jax.enable_x64(True):
         one = config(pretrain_data, num_epochs=1)
         one.model.dtype = "float64"

@@ -30,14 +30,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path)
              if p.name.isdigit()]
     assert 0 < max(steps) < 8
     # Started now, the uninterrupted run finds the step compiled in the persistent cache.
-    full = subprocess.Popen(command(pretrain_data, tmp_path / "full"), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe left unread while the resumed run works could fill up.
+    full_log = tmp_path / "full.log"
+    with open(full_log, "w") as stderr:
+        full = subprocess.Popen(command(pretrain_data, tmp_path / "full"), cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     resumed = subprocess.run(command(pretrain_data, tmp_path / "killed"), cwd=REPO, env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming at step" in resumed.stderr
-    _, full_stderr = full.communicate()
-    assert full.returncode == 0, full_stderr[-3000:]
+    assert full.wait(timeout=600) == 0, full_log.read_text()[-3000:]
 
     full_state, resumed_state = restore(tmp_path / "full"), restore(tmp_path / "killed")
     assert int(full_state.step) == int(resumed_state.step) == 8

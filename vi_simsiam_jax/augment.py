@@ -4,16 +4,19 @@ The host hands the step uint8 source images (zero-padded to a common shape, each
 height and width) and their stream positions; `views` makes every view of every image. View `v`
 of the image at stream position `p` draws its randomness from
 `fold_in(fold_in(key, p), v)` only, so its random choices never depend on the batch the image
-lands in, on the device that makes it, or on the number of devices; its pixels are the same
-arithmetic in any batch, up to the order in which XLA sums a product for that batch size.
+lands in, on the device that makes it, or on the number of devices. Nor do its pixels: every
+sum over an image is either a matrix product of that image's own matrices or a pairwise sum in
+an order fixed by the shapes (`_pairwise_sum`), never a reduction that XLA may vectorise
+differently for another batch size (tests/test_augment.py: bit for bit on 1 and 8 devices).
 
 Each view is torchvision's SimSiam pipeline (facebookresearch/simsiam, main_simsiam.py):
 RandomResizedCrop(size, scale), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (the four
 adjustments in a random order), RandomGrayscale(p=0.2), Gaussian blur with p=0.5 (sigma uniform
 in `MultiCropConfig.blur_sigma(size)`), RandomHorizontalFlip, ImageNet normalisation. Two
 rearrangements that change no pixel: the flip is done by the resize (mirrored columns), which
-commutes with the colour operations and the symmetric blur; and the crop, resize and blur are
-matrix products, so images of any size in one padded batch cost the same.
+commutes with the colour operations and the symmetric blur; and the crop and resize are two
+matrix products whose weights hold the crop (no gather), so images of any size in one padded
+batch cost the same.
 """
 from __future__ import annotations
 
@@ -35,8 +38,6 @@ JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)  # SimSiam's (MoCo v2's) Gaussian-blur sigma range in pixels
 BLUR_REFERENCE_SIZE = 224  # the crop size that range was set for
-MAX_VIEW_SIZE = 512  # `mean_luma`'s integer sum is exact up to this side
-RESIZE_BLOCK = 8  # output pixels per matrix product of the resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +68,8 @@ class MultiCropConfig:
     def __post_init__(self):
         for size, (low, high) in self.views():
             radius = blur_radius(self.blur_sigma(size))
-            if not radius < size <= MAX_VIEW_SIZE or not 0 < low <= high <= 1:
-                raise ValueError(f"Bad crop size {size} (need > {radius}, the blur radius, "
-                                 f"and <= {MAX_VIEW_SIZE}) or "
+            if not radius < size or not 0 < low <= high <= 1:
+                raise ValueError(f"Bad crop size {size} (need > {radius}, the blur radius) or "
                                  f"scale ({low}, {high}) (need 0 < low <= high <= 1) in {self}.")
 
     def views(self) -> list[tuple[int, tuple[float, float]]]:
@@ -151,45 +151,40 @@ def sample_view_params(key: Array, height: Array, width: Array, scale: tuple[flo
         sigma=jax.random.uniform(keys[7], minval=blur_sigma[0], maxval=blur_sigma[1]))
 
 
-def _resize_axis0(x: Array, start: Array, length: Array, out_size: int,
-                  flip: Array | bool) -> Array:
-    """Antialiased bilinear resize along axis 0 of the pixels [start, start + length) of x to
-    out_size pixels (tf.image.resize(antialias=True): half-pixel centres, a triangle kernel
-    widened by the shrink factor, weights renormalised inside the crop); reversed if `flip`.
+def _pairwise_sum(x: Array) -> Array:
+    """The sum over axis 0 by halving (zero-padded to a power of two): elementwise additions
+    in an order fixed by the shape alone. XLA's reductions sum in an order that depends on how
+    it vectorises the whole batch, so a view's pixels would depend on the batch it is in."""
+    length = 1 << (x.shape[0] - 1).bit_length()
+    x = jnp.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    while x.shape[0] > 1:
+        x = x[:x.shape[0] // 2] + x[x.shape[0] // 2:]
+    return x[0]
 
-    The weight matrix is banded, so each block of RESIZE_BLOCK outputs is one product with the
-    window of inputs it reads (a dynamic slice of static size), not with all of x.
-    """
-    in_size = x.shape[0]
-    max_scale = in_size / out_size  # a crop is at most the (padded) image
-    scale = length.astype(x.dtype) / out_size
+
+def resize_weights(start: Array, length: Array, in_size: int, out_size: int,
+                   dtype: jnp.dtype = jnp.float32) -> Array:
+    """[out_size, in_size] weights of an antialiased bilinear resize of the pixels
+    [start, start + length) to out_size pixels, as tf.image.resize(antialias=True): half-pixel
+    centres, a triangle kernel widened by the shrink factor, weights renormalised inside the
+    crop."""
+    scale = length.astype(dtype) / out_size
     radius = jnp.maximum(scale, 1.0)
-    outputs = jnp.arange(out_size)
-    outputs = jnp.where(flip, out_size - 1 - outputs, outputs)
-    centres = start + (outputs.astype(x.dtype) + 0.5) * scale - 0.5
-    blocks = []
-    for first in range(0, out_size, RESIZE_BLOCK):
-        block = centres[first:first + RESIZE_BLOCK]
-        # The inputs within `radius` of the block's centres: (n - 1) * scale + 2 * radius.
-        window = min(in_size, math.ceil((len(block) - 1) * max_scale
-                                        + 2 * max(max_scale, 1.0)) + 2)
-        low = jnp.minimum(block[0], block[-1]) - radius
-        offset = jnp.clip(jnp.floor(low).astype(jnp.int32) + 1, 0, in_size - window)
-        pixels = offset + jnp.arange(window)
-        weights = jnp.maximum(0.0, 1 - jnp.abs(pixels[None, :] - block[:, None]) / radius)
-        weights = jnp.where((pixels >= start) & (pixels < start + length), weights, 0.0)
-        weights = weights / jnp.sum(weights, axis=1, keepdims=True)
-        blocks.append(jnp.tensordot(weights, jax.lax.dynamic_slice_in_dim(x, offset, window),
-                                    axes=1))
-    return jnp.concatenate(blocks)
+    centres = start + (jnp.arange(out_size, dtype=dtype) + 0.5) * scale - 0.5
+    pixels = jnp.arange(in_size)
+    weights = jnp.maximum(0.0, 1 - jnp.abs(pixels[None, :] - centres[:, None]) / radius)
+    weights = jnp.where((pixels >= start) & (pixels < start + length), weights, 0.0)
+    return weights / _pairwise_sum(weights.T)[:, None]
 
 
 def crop_and_resize(image: Array, box: Array, size: int, flip: Array | bool = False) -> Array:
     """The crop `box` of a float [H, W, 3] image resized to [size, size, 3], mirrored
-    left-right if `flip`."""
-    rows = _resize_axis0(image, box[0], box[2], size, False)
-    out = _resize_axis0(jnp.swapaxes(rows, 0, 1), box[1], box[3], size, flip)
-    return jnp.clip(jnp.swapaxes(out, 0, 1), 0.0, 1.0)
+    left-right if `flip`: two matrix products, with no gather (the crop is in the weights)."""
+    rows = resize_weights(box[0], box[2], image.shape[0], size, image.dtype)
+    columns = resize_weights(box[1], box[3], image.shape[1], size, image.dtype)
+    columns = jnp.where(flip, columns[::-1], columns)
+    out = jnp.einsum("oh,hwc,pw->opc", rows, image, columns)
+    return jnp.clip(out, 0.0, 1.0)
 
 
 def grayscale(image: Array) -> Array:
@@ -198,11 +193,10 @@ def grayscale(image: Array) -> Array:
 
 
 def mean_luma(image: Array) -> Array:
-    """The mean of `grayscale(image)` over the image, summed as integers (units of 2^-14): a
-    float sum's rounding depends on how XLA vectorises the batch, an integer sum does not.
-    Exact in uint32 up to MAX_VIEW_SIZE px; the quantisation moves the mean by at most 2^-15."""
-    units = jnp.round(grayscale(image) * 2**14).astype(jnp.uint32)
-    return jnp.sum(units).astype(image.dtype) / (2**14 * units.size)
+    """The mean of `grayscale(image)` (torchvision's adjust_contrast blends with it), summed
+    pairwise in a fixed order."""
+    luma = grayscale(image)[..., 0]
+    return _pairwise_sum(_pairwise_sum(luma)) / luma.size
 
 
 def _blend(image: Array, other: Array, factor: Array) -> Array:
@@ -240,25 +234,45 @@ def color_jitter(image: Array, factors: Array, order: Array) -> Array:
     return image
 
 
+def blur_kernel(sigma: Array, radius: int, dtype: jnp.dtype = jnp.float32) -> Array:
+    """The normalised Gaussian taps at offsets -radius ... radius."""
+    offsets = jnp.arange(-radius, radius + 1, dtype=dtype)
+    kernel = jnp.exp(-0.5 * jnp.square(offsets / jnp.asarray(sigma, dtype)))
+    return kernel / _pairwise_sum(kernel)
+
+
 def blur_matrix(sigma: Array, size: int, radius: int, dtype: jnp.dtype = jnp.float32) -> Array:
     """[size, size] Gaussian blur along one axis, kernel half-width `radius`, reflect padding
     (tf.pad REFLECT, the edge pixel not repeated): blurred = B @ image along that axis."""
-    offsets = jnp.arange(-radius, radius + 1, dtype=dtype)
-    kernel = jnp.exp(-0.5 * jnp.square(offsets / jnp.asarray(sigma, dtype)))
-    kernel = kernel / jnp.sum(kernel)
     source = jnp.arange(size)[:, None] + jnp.arange(-radius, radius + 1)[None, :]
     source = jnp.abs(source)  # reflect at 0 ...
     source = jnp.where(source > size - 1, 2 * (size - 1) - source, source)  # ... and at size-1
-    return jnp.sum(kernel[None, :, None] * jax.nn.one_hot(source, size, dtype=dtype), axis=1)
+    return jnp.sum(blur_kernel(sigma, radius, dtype)[None, :, None]
+                   * jax.nn.one_hot(source, size, dtype=dtype), axis=1)
+
+
+def _blur_axis(image: Array, kernel: Array, axis: int) -> Array:
+    """Convolution along `axis` with the 2r + 1 taps of `kernel`, reflect padding."""
+    radius = (len(kernel) - 1) // 2
+    size = image.shape[axis]
+    padding = [(0, 0)] * image.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(image, padding, mode="reflect")
+    shifted = lambda tap: jax.lax.slice_in_dim(padded, tap, tap + size, axis=axis)
+    out = kernel[0] * shifted(0)
+    for tap in range(1, len(kernel)):
+        out = out + kernel[tap] * shifted(tap)
+    return out
 
 
 def gaussian_blur(image: Array, sigma: Array, radius: int, apply: Array | bool = True) -> Array:
-    """Separable Gaussian blur of a square [S, S, 3] image if `apply` (always a matrix product,
-    with the identity otherwise, so vmap needs no select over the image)."""
-    size = image.shape[0]
-    blur = jnp.where(apply, blur_matrix(sigma, size, radius, image.dtype),
-                     jnp.eye(size, dtype=image.dtype))
-    return jnp.einsum("oh,hwc,pw->opc", blur, image, blur)
+    """Separable Gaussian blur of an [H, W, C] image (reflect padding, as `blur_matrix`) if
+    `apply`; otherwise the kernel is the unit tap, which returns the image exactly, so vmap
+    needs no select over the image. Shifted sums, not matrix products: the same additions in
+    the same order for every image, whatever the batch."""
+    kernel = blur_kernel(sigma, radius, image.dtype)
+    kernel = jnp.where(apply, kernel, (jnp.arange(-radius, radius + 1) == 0).astype(image.dtype))
+    return _blur_axis(_blur_axis(image, kernel, 0), kernel, 1)
 
 
 def normalize(image: Array) -> Array:
@@ -279,12 +293,12 @@ def view_keys(key: Array, positions: Array, view: int) -> Array:
     return jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(key, p), view))(positions)
 
 
-def views(images: Array, sizes: Array, positions: Array, key: Array, crops: MultiCropConfig,
-          dtype: jnp.dtype = jnp.float32) -> list[Array]:
+def views(images: Array, sizes: Array, positions: Array, key: Array,
+          crops: MultiCropConfig) -> list[Array]:
     """Every view of a batch: uint8 [B, H, W, 3] images (true [height, width] in `sizes`,
-    int32 [B, 2]), their stream `positions` [B] -> [B, size, size, 3] per view, global crops
-    first, in `dtype` (float64 for the tests that compare two programs of the same math)."""
-    images = images.astype(dtype) / 255
+    int32 [B, 2]), their stream `positions` [B] -> float32 [B, size, size, 3] per view, global
+    crops first."""
+    images = images.astype(jnp.float32) / 255
     out = []
     for v, (size, scale) in enumerate(crops.views()):
         sigma_range = crops.blur_sigma(size)
