@@ -189,7 +189,9 @@ def test_views_depend_on_key_position_and_view_only():
     sizes = np.array([[24, 30], [20, 30], [24, 18], [24, 30], [12, 12], [24, 30]], np.int32)
     positions = np.array([40, 41, 42, 43, 44, 45], np.int32)
     key = jax.random.key(7)
-    views = augment.views(images, sizes, positions, key, crops)
+    # Jitted as in the step (and compiled once per batch shape, not op by op).
+    make_views = jax.jit(augment.views, static_argnums=4)
+    views = make_views(images, sizes, positions, key, crops)
     assert [v.shape for v in views] == [(6, 16, 16, 3)] * 2 + [(6, 8, 8, 3)]
     assert all(v.dtype == jnp.float32 and np.isfinite(v).all() for v in views)
     # The same images in another order and batch: the same choices, the same views.
@@ -197,18 +199,18 @@ def test_views_depend_on_key_position_and_view_only():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[order], b),
                  _params(key, sizes, positions, crops),
                  _params(key, sizes[order], positions[order], crops))
-    subset = augment.views(images[order], sizes[order], positions[order], key, crops)
+    subset = make_views(images[order], sizes[order], positions[order], key, crops)
     for full, part in zip(views, subset):
         np.testing.assert_array_equal(np.asarray(full)[order], part)
     # The two global views of an image differ; another key changes them.
     assert not np.allclose(views[0], views[1])
-    other = augment.views(images, sizes, positions, jax.random.key(8), crops)
+    other = make_views(images, sizes, positions, jax.random.key(8), crops)
     assert not np.allclose(other[0], views[0])
     # Padding never shows: an image's views do not change when its padding does.
     repadded = images.copy()
     repadded[4, 12:] = 255
     repadded[4, :, 12:] = 255
-    again = augment.views(repadded, sizes, positions, key, crops)
+    again = make_views(repadded, sizes, positions, key, crops)
     for a, b in zip(views, again):
         np.testing.assert_array_equal(a, b)
 
