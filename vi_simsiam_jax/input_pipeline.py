@@ -87,9 +87,10 @@ def jpeg_sizes(examples: Examples) -> np.ndarray:
     return np.stack(list(shapes.as_numpy_iterator())).astype(np.int32).reshape(-1, 2)
 
 
-def decode_images(examples: Examples) -> SourceImages:
-    """Decodes every image of `examples` into one padded uint8 array (tf.data, all cores)."""
-    sizes = jpeg_sizes(examples)
+def decode_images(examples: Examples, sizes: np.ndarray | None = None) -> SourceImages:
+    """Decodes every image of `examples` into one padded uint8 array (tf.data, all cores);
+    `sizes`, if given, are their `jpeg_sizes`."""
+    sizes = jpeg_sizes(examples) if sizes is None else sizes
     height, width = sizes.max(axis=0)
     images = np.zeros((len(examples), height, width, 3), np.uint8)
     decoded = tf.data.Dataset.from_tensor_slices(examples.images.tolist()).map(
@@ -99,8 +100,10 @@ def decode_images(examples: Examples) -> SourceImages:
     return SourceImages(images, sizes, examples.labels)
 
 
-def cached_images(examples: Examples, cache_dir: str) -> SourceImages:
-    """`decode_images(examples)`, saved once under cache_dir as .npy and memory-mapped after.
+def cached_images(examples: Examples, cache_dir: str,
+                  sizes: np.ndarray | None = None) -> SourceImages:
+    """`decode_images(examples, sizes)`, saved once under cache_dir as .npy and memory-mapped
+    after.
 
     The files are named by a hash of the split's file names, so another split or a re-prepared
     dataset gets its own; each is written under a temporary name and renamed when complete.
@@ -109,7 +112,7 @@ def cached_images(examples: Examples, cache_dir: str) -> SourceImages:
     paths = {name: os.path.join(cache_dir, f"{digest}-{name}.npy") for name in ("images", "sizes")}
     if not all(os.path.exists(p) for p in paths.values()):
         logging.info("Decoding %d images into %s.", len(examples), cache_dir)
-        decoded = decode_images(examples)
+        decoded = decode_images(examples, sizes)
         os.makedirs(cache_dir, exist_ok=True)
         for name, path in paths.items():  # sizes last: its presence marks a complete pair
             temporary = f"{path}.{os.getpid()}.tmp"
@@ -130,8 +133,10 @@ def pretrain_source(examples: Examples, source: str = "auto", *, cache_dir: str,
     when the padded uint8 array takes at most MEMORY_FRACTION of the host's RAM."""
     if source not in SOURCES:
         raise ValueError(f"Unknown image source {source!r}; expected one of {SOURCES}.")
+    sizes = None
     if source == "auto":
-        height, width = jpeg_sizes(examples).max(axis=0)
+        sizes = jpeg_sizes(examples)
+        height, width = sizes.max(axis=0)
         array_bytes = len(examples) * int(height) * int(width) * 3
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         source = "memory" if array_bytes <= MEMORY_FRACTION * ram else "stream"
@@ -139,7 +144,7 @@ def pretrain_source(examples: Examples, source: str = "auto", *, cache_dir: str,
                      "in memory" if source == "memory" else "streamed", len(examples), height,
                      width, array_bytes / 1e9, ram / 1e9)
     if source == "memory":
-        return cached_images(examples, cache_dir)
+        return cached_images(examples, cache_dir, sizes)
     return StreamedImages(examples, stream_max_side)
 
 
