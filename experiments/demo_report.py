@@ -1,5 +1,5 @@
 """The README's demo block, made from the demo's report.json (`experiments.demo --publish`
-writes it; tests/test_demo.py checks that the README matches results/demo/report.json)."""
+writes it; tests/test_results_readme.py checks it against results/demo/report.json)."""
 
 import textwrap
 from typing import Any

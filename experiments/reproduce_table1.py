@@ -2,7 +2,7 @@
 hyper-parameters chosen on the local split of train and several seeds.
 
     python -m experiments.reproduce_table1 --workdir=runs/table1 --results=results/table1 \
-        --readme=README.md
+        --readme=results/README.md
 
 1. Selection, per method, on --select_dataset with the first seed: the config
    (experiments/configs/table1.py) is pretrained at every learning rate of the method's grid for

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from experiments import demo_report, readme_blocks
+from experiments import demo_report
 from tests import pretrain_utils
 
 
@@ -28,8 +28,3 @@ def test_demo_writes_the_report(pretrain_data, tmp_path):
     assert "linear probe top-1/top-5" in completed.stdout
     assert demo_report.markdown(report).count("|") > 10
 
-
-def test_readme_demo_block_matches_the_published_report():
-    report = json.loads((pretrain_utils.REPO / "results" / "demo" / "report.json").read_text())
-    expected = demo_report.markdown(report)
-    assert readme_blocks.read(str(pretrain_utils.REPO / "README.md"), "demo") == expected

@@ -1,5 +1,4 @@
-"""The statistics of Table 1 (mean +- std, paired t intervals, learning targets), and the README
-table being what experiments.table1_report computes from the committed results/table1."""
+"""The statistics of Table 1: mean +- std, paired t intervals, learning targets."""
 
 import json
 import math
@@ -7,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import readme_blocks, table1_report
-from tests import pretrain_utils
+from experiments import table1_report
 from vi_simsiam_jax.evaluation import statistics
 
 
@@ -85,8 +83,3 @@ def test_verdict_follows_the_interval():
     assert "not resolved" in unresolved and unresolved.endswith("the paper's: +6.06.")
     assert "no interval yet" in table1_report.verdict("d", difference(1.0, 1.0, n=1))
 
-
-def test_readme_table_is_generated_from_results():
-    results = pretrain_utils.REPO / "results" / "table1"
-    expected = table1_report.markdown(table1_report.summarize(str(results)))
-    assert readme_blocks.read(str(pretrain_utils.REPO / "README.md"), "table1") == expected

@@ -36,7 +36,8 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.blur_relative = False  # True: blur sigma scaled by crop size / 224
     # Source images, augmented on the device: decoded once and held in memory ("memory"), or
     # decoded as read and shrunk to fit stream_max_side x stream_max_side ("stream"); "auto"
-    # picks memory when the split fits in a quarter of the host's RAM (input_pipeline).
+    # picks memory when the split fits in a quarter of the host's RAM (input_pipeline). 256 px
+    # is a pipeline setting, not a tuned one: above every crop size of the configs (<= 224).
     config.source_images = "auto"
     config.stream_max_side = 256
 
