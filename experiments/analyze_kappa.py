@@ -12,9 +12,8 @@ Over the validation split, writes to --output_dir (default workdir/kappa_analysi
 - uncertainty.json: kappa statistics, AUROC of kappa for "the probe is right", accuracy at
   coverages 100/90/75/50%, the extreme images, the paths above.
 
-kappa and the probe's predictions come from the linear probe's predictions file
-(probe_predictions.npz beside probe.json, written by experiments.linear_probe from the same
-forward pass); if it does not exist yet the probe is run first.
+kappa and the probe's predictions come from one forward pass of the val images: the linear
+probe (--config, as experiments.linear_probe) is fit first and its result handed over in memory.
 """
 
 from vi_simsiam_jax import launch
@@ -27,15 +26,15 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from vi_simsiam_jax.evaluation.kappa_report import analyze
+from experiments import reporting
+from vi_simsiam_jax import checkpoints
+from vi_simsiam_jax.evaluation import kappa_report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
-    "Probe config, used only if the probe has to be run first.", lock_config=True)
+    "Linear probe config (experiments/configs/probe.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A VI-SimSiam pretraining workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_PREDICTIONS = flags.DEFINE_string(
-    "predictions", None, "Probe predictions .npz (default: beside the default probe JSON).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: workdir/kappa_analysis).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images in each extreme-kappa grid.")
@@ -45,9 +44,12 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    summary = analyze(_WORKDIR.value, step=_STEP.value, predictions=_PREDICTIONS.value,
-                      output_dir=_OUTPUT_DIR.value, num_images=_NUM_IMAGES.value,
-                      probe_config=_CONFIG.value)
+    workdir = _WORKDIR.value
+    kappa_report.check_vi_simsiam(checkpoints.load_config(workdir), workdir)
+    frozen, _, result = reporting.fit_probe(workdir, _CONFIG.value, _STEP.value)
+    summary = reporting.write_kappa_analysis(
+        frozen, result, _OUTPUT_DIR.value or os.path.join(workdir, "kappa_analysis"),
+        _NUM_IMAGES.value)
     print(json.dumps({k: summary[k] for k in ("step", "num_val", "kappa", "probe_top1",
                                               "auroc_kappa", "auroc_max_softmax",
                                               "accuracy_at_coverage", "files")}, indent=2))

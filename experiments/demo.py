@@ -26,9 +26,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import demo_report, readme_blocks
+from experiments import demo_report, readme_blocks, reporting
 from vi_simsiam_jax import datasets, loop
-from vi_simsiam_jax.evaluation import kappa_report, linear_probe
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "cpu_demo.py"),
@@ -53,22 +52,22 @@ def main(argv: list[str]) -> None:
     timings = {}
 
     start = time.perf_counter()
-    builder = datasets.prepare(config.dataset, data_dir=config.data_dir or None,
-                               archive=config.archive or None)
+    builder = datasets.prepare_from_config(config)
     timings["prepare_s"] = time.perf_counter() - start
     logging.info("Dataset: %s", json.dumps(datasets.summary(builder)))
 
     start = time.perf_counter()
-    loop.train_and_evaluate(config, workdir)
+    loop.pretrain(config, workdir)
     timings["pretrain_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    trained = linear_probe.run(workdir, _PROBE_CONFIG.value)
-    baseline = linear_probe.run(workdir, _PROBE_CONFIG.value, random_init=True)
+    frozen, probe, trained = reporting.probe(workdir, _PROBE_CONFIG.value)
+    _, _, baseline = reporting.probe(workdir, _PROBE_CONFIG.value, random_init=True)
     timings["probe_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    kappa = kappa_report.analyze(workdir, probe_config=_PROBE_CONFIG.value)
+    kappa = reporting.write_kappa_analysis(frozen, probe,
+                                           os.path.join(workdir, "kappa_analysis"))
     timings["analysis_s"] = time.perf_counter() - start
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -22,7 +22,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from vi_simsiam_jax.evaluation import linear_probe
+from experiments import reporting
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
@@ -49,8 +49,8 @@ def main(argv: list[str]) -> None:
             config.lr_sweep = tuple(float(lr) for lr in _LR_SWEEP.value)
         except ValueError as error:
             raise app.UsageError(f"--lr_sweep must be comma-separated numbers: {error}") from None
-    result = linear_probe.run(_WORKDIR.value, config, step=_STEP.value,
-                              random_init=_RANDOM_INIT.value, output=_OUTPUT.value)
+    _, _, result = reporting.probe(_WORKDIR.value, config, step=_STEP.value,
+                                   random_init=_RANDOM_INIT.value, output=_OUTPUT.value)
     summary = {k: result[k] for k in ("step", "random_init", "top1", "top5", "knn_top1",
                                       "learning_rate", "lr_sweep_local_val_top1", "wall_time_s",
                                       "output", "predictions") if k in result}

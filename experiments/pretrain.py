@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
-        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        loop.pretrain(_CONFIG.value, _WORKDIR.value)
     except loop.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(128 + 15)

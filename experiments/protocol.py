@@ -13,8 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from experiments import reporting
 from vi_simsiam_jax import loop
-from vi_simsiam_jax.evaluation import linear_probe
 
 SCORES = ("top1", "top5", "knn_top1", "learning_rate", "lr_sweep_local_val_top1")
 # The training-curve fields kept from metrics.jsonl (kappa only for the VI methods).
@@ -40,13 +40,14 @@ def local_probe_config(probe_config: ml_collections.ConfigDict) -> ml_collection
 def probe_scores(workdir: str, probe_config: ml_collections.ConfigDict,
                  random_init: bool = False) -> dict[str, Any]:
     """The probe's scores for a pretraining workdir, read from its output if already run."""
-    output = linear_probe.default_output(workdir, random_init=random_init,
-                                         eval_split=probe_config.eval_split)
+    output = reporting.probe_output(workdir, random_init=random_init,
+                                    eval_split=probe_config.eval_split)
     if os.path.exists(output):
         with open(output) as f:
             result = json.load(f)
     else:
-        result = linear_probe.run(workdir, probe_config, random_init=random_init, output=output)
+        _, _, result = reporting.probe(workdir, probe_config, random_init=random_init,
+                                       output=output)
     return {key: result.get(key) for key in SCORES}
 
 
@@ -60,7 +61,7 @@ def training_curves(workdir: str) -> list[dict[str, float]]:
 def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
                        probe_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Pretrains config in workdir (resuming) and probes it; a record of the run."""
-    loop.train_and_evaluate(config, workdir)
+    loop.pretrain(config, workdir)
     curves = training_curves(workdir)
     return {"workdir": workdir, "seed": config.seed, "learning_rate": config.learning_rate,
             "num_epochs": config.num_epochs,

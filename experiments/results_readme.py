@@ -12,7 +12,8 @@ import glob
 import json
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app
 
@@ -40,10 +41,50 @@ def demo_lr_table(results: pathlib.Path) -> str:
         + f" | {selection['random_init_local_val']['top1']:.2f} |"]) + "\n"
 
 
+def _cells(points: list[dict[str, Any]], severities: Sequence[int], value) -> str:
+    """'a / b / c': value(point) at each of `severities` ('-' where missing)."""
+    by_severity = {p["severity"]: p for p in points}
+    return " / ".join(value(by_severity[s]) if s in by_severity else "-" for s in severities)
+
+
+def ood_markdown(summaries: Sequence[dict[str, Any]],
+                    severities: Sequence[int] = (1, 3, 5)) -> str:
+    """The README's tables from ood.json summaries: OOD detection (AUROC and FPR at 95% TPR per
+    score) and, per corruption, top-1, median kappa and AUROCs at `severities`."""
+    header = " | ".join(ood_report.SCORES)
+    lines = ["| encoder | probe top-1 | out-of-distribution | " + header + " |",
+             "|---" * (3 + len(ood_report.SCORES)) + "|"]
+    for s in summaries:
+        if "ood" not in s:
+            continue
+        detection = s["ood"]["detection"]
+        scores = [f"{detection[k]['auroc']:.3f} ({detection[k]['fpr_at_95_tpr']:.2f})"
+                  if k in detection else "-" for k in ood_report.SCORES]
+        lines.append(f"| {s['method']}, {s['dataset']} | {s['clean']['top1']:.2f} | "
+                     f"{s['ood']['dataset']} | " + " | ".join(scores) + " |")
+    levels = " / ".join(str(v) for v in severities)
+    lines += ["", f"| encoder | corruption | top-1 at severity 0 / {levels} | median kappa at "
+              f"0 / {levels} | AUROC of kappa at {levels} | AUROC of max_softmax at {levels} |",
+              "|---" * 6 + "|"]
+    for s in summaries:
+        for name, points in s.get("corruptions", {}).items():
+            has_kappa = "kappa_median" in points[0]
+            lines.append(" | ".join([
+                f"| {s['method']}, {s['dataset']}", name,
+                _cells(points, (0, *severities), lambda p: f"{p['top1']:.1f}"),
+                _cells(points, (0, *severities), lambda p: f"{p['kappa_median']:.0f}")
+                if has_kappa else "-",
+                _cells(points, severities, lambda p: f"{p['detection']['kappa']['auroc']:.2f}")
+                if has_kappa else "-",
+                _cells(points, severities,
+                       lambda p: f"{p['detection']['max_softmax']['auroc']:.2f}")]) + " |")
+    return "\n".join(lines)
+
+
 def ood_tables(results: pathlib.Path) -> str:
     """The out-of-distribution and corruption tables of results/ood/*.json."""
     paths = sorted(glob.glob(os.path.join(results, "ood", "*.json")))
-    return ood_report.markdown_tables([_load(pathlib.Path(p)) for p in paths]) + "\n"
+    return ood_markdown([_load(pathlib.Path(p)) for p in paths]) + "\n"
 
 
 # (document, block name, the block's contents from the results folder)

@@ -22,7 +22,7 @@ from vi_simsiam_jax import checkpoints, loop, train_state
 def finished_run(pretrain_data, tmp_path_factory):
     """A 1-epoch tiny run (4 steps, checkpoints at 2 and 4) made in this process."""
     workdir = tmp_path_factory.mktemp("finished_run")
-    loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+    loop.pretrain(config(pretrain_data, num_epochs=1), str(workdir))
     return workdir
 
 
@@ -60,7 +60,7 @@ def test_two_processes_match_one_process(pretrain_data, tmp_path):
     with jax.enable_x64(True):
         one = config(pretrain_data, num_epochs=1)
         one.model.dtype = "float64"
-        loop.train_and_evaluate(one, str(tmp_path / "one"))
+        loop.pretrain(one, str(tmp_path / "one"))
         multi, single = restore(tmp_path / "two", step=2), restore(tmp_path / "one", step=2)
         initial = jax.device_get(train_state.create_train_state(
             jax.random.key(one.seed), one, train_state.make_model(one), 1).params)
@@ -93,7 +93,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(pretrain_data, finishe
     assert int(state.step) == 2
     assert "Checkpoint at step 4" in caplog.text and "unreadable" in caplog.text
     # Training resumes from step 2, keeps the bad files aside and writes step 4 anew.
-    final = loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+    final = loop.pretrain(config(pretrain_data, num_epochs=1), str(workdir))
     assert int(final.step) == 4
     assert (workdir / "checkpoints" / "corrupt-4").is_dir()
     # The same program and batches from the same step-2 state: equal bit for bit.
@@ -105,7 +105,7 @@ def test_unwritable_workdir_fails_before_training(pretrain_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=f"Workdir {blocker / 'run'} is not writable"):
-        loop.train_and_evaluate(config(pretrain_data), str(blocker / "run"))
+        loop.pretrain(config(pretrain_data), str(blocker / "run"))
 
 
 def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data, finished_run,
@@ -120,7 +120,7 @@ def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data,
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
     with pytest.raises(OSError, match="Could not write the step-4 checkpoint.*No space left"):
-        loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(workdir))
+        loop.pretrain(config(pretrain_data, num_epochs=1), str(workdir))
     monkeypatch.undo()
     after = restore(workdir)
     assert int(after.step) == 2
@@ -137,7 +137,7 @@ def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data,
 ])
 def test_invalid_config_values_name_the_field(pretrain_data, tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        loop.train_and_evaluate(config(pretrain_data, **overrides), str(tmp_path))
+        loop.pretrain(config(pretrain_data, **overrides), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 

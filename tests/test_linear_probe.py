@@ -1,5 +1,6 @@
 """Linear probe: the head on synthetic features, top-k, restore and its errors, and the whole
-evaluation (cached, online, random init) plus the kappa and OOD analyses on a tiny checkpoint."""
+evaluation (cached, online, random init) plus the kappa and OOD analyses on a tiny checkpoint,
+with the files the experiment modules write from them."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import safe_open
 
+from experiments import reporting, results_readme
 from experiments.configs import probe as probe_config
 from tests import fake_archives, pretrain_utils, tiny_config
 from vi_simsiam_jax import checkpoints, datasets, train_state
@@ -54,9 +56,15 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def result(saved):
-    """probe.run on the saved workdir, with a two-value lr sweep."""
-    return probe.run(saved[0], _config(lr_sweep=(0.4, 1.6)))
+def probed(saved):
+    """reporting.probe on the saved workdir, with a two-value lr sweep: (encoder, ProbeResult,
+    the JSON written)."""
+    return reporting.probe(saved[0], _config(lr_sweep=(0.4, 1.6)))
+
+
+@pytest.fixture(scope="module")
+def result(probed):
+    return probed[2]
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])
@@ -114,6 +122,17 @@ def test_restore_returns_the_saved_weights(saved):
     jax.tree.map(np.testing.assert_array_equal, variables, expected)
 
 
+def test_restoring_the_encoder_builds_no_optimizer(saved, monkeypatch):
+    """Evaluation reads params and batch_stats only (orbax partial restore)."""
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("an optimiser was built")
+
+    monkeypatch.setattr(train_state, "make_optimizer", no_optimizer)
+    frozen = encoder.load(saved[0])
+    assert frozen.step == 3 and set(frozen.variables) == {"params", "batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, frozen.variables, saved[1])
+
+
 def test_run_writes_result_and_predictions(saved, result):
     workdir, _ = saved
     assert result["output"] == os.path.join(workdir, "probe.json")
@@ -134,15 +153,24 @@ def test_run_writes_result_and_predictions(saved, result):
         assert sorted(data["file_names"])[0].startswith("val/a/")
 
 
+def test_the_result_in_memory_is_what_was_written(probed):
+    _, in_memory, written = probed
+    assert in_memory.logits.shape == (16, 4) and in_memory.train.features.shape[0] == 32
+    assert written["top1"] == in_memory.metrics["top1"]
+    np.testing.assert_array_equal(np.asarray(probe.head_logits(in_memory.head,
+                                                               in_memory.scored.features)),
+                                  in_memory.logits)
+
+
 def test_random_init_and_online_mode(saved, result, tmp_path):
     workdir, _ = saved
-    random = probe.run(workdir, _config(num_epochs=2), random_init=True)
+    _, _, random = reporting.probe(workdir, _config(num_epochs=2), random_init=True)
     assert random["output"] == os.path.join(workdir, "probe_random_init.json")
     assert random["random_init"] and random["step"] == 0
     with np.load(random["predictions"]) as a, np.load(result["predictions"]) as b:
         assert not np.allclose(a["kappa"], b["kappa"])  # another encoder
-    online = probe.run(workdir, _config(mode="online", num_epochs=1),
-                       output=str(tmp_path / "online.json"))
+    _, _, online = reporting.probe(workdir, _config(mode="online", num_epochs=1),
+                                   output=str(tmp_path / "online.json"))
     assert "knn_top1" not in online
     assert 0.0 <= online["top1"] <= online["top5"] <= 100.0
 
@@ -157,8 +185,9 @@ def test_local_val_evaluation_never_reads_val(saved, mode, monkeypatch):
     monkeypatch.setattr(encoder, "centre_crop_features", lambda model, variables, examples, **kw: (
         seen.extend(str(n) for n in examples.file_names), extract(model, variables, examples,
                                                                    **kw))[1])
-    local = probe.run(workdir, _config(eval_split="local_val", lr_sweep=(0.4, 1.6), mode=mode,
-                                       num_epochs=2 if mode == "online" else 10))
+    _, _, local = reporting.probe(workdir, _config(eval_split="local_val", lr_sweep=(0.4, 1.6),
+                                                   mode=mode,
+                                                   num_epochs=2 if mode == "online" else 10))
     assert seen and not any(name.startswith("val/") for name in seen)
     assert local["output"] == os.path.join(workdir, "probe_local_val.json")
     assert local["eval_split"] == "local_val"
@@ -168,34 +197,38 @@ def test_local_val_evaluation_never_reads_val(saved, mode, monkeypatch):
     assert len(names) == local["num_val"] and local["num_train"] + local["num_val"] == 32
     assert all(name.startswith("train/") for name in names)
     with pytest.raises(ValueError, match="lr_sweep"):
-        probe.run(workdir, _config(eval_split="local_val", lr_sweep=()))
+        reporting.probe(workdir, _config(eval_split="local_val", lr_sweep=()))
 
 
-def test_analyze_kappa_reads_the_probe_predictions(saved, result, tmp_path):
-    workdir, _ = saved
-    summary = kappa_report.analyze(workdir, output_dir=str(tmp_path), num_images=4)
-    for path in summary["files"].values():
-        assert os.path.getsize(path) > 0
-    assert summary["probe_top1"] == pytest.approx(result["top1"])
-    assert summary["num_val"] == 16 and len(summary["lowest_kappa"]) == 4
-    assert summary["lowest_kappa"][0]["kappa"] <= summary["highest_kappa"][0]["kappa"]
-    assert summary["accuracy_at_coverage"]["kappa"]["100%"] == pytest.approx(result["top1"])
-
-
-def test_ood_analysis_writes_figures_and_json(saved, result, tmp_path):
-    workdir, _ = saved
-    ood = tmp_path / "other"
-    fake_archives.make_folder(ood, ["x", "y"], n_train=2, n_val=6, size=24, extras=False,
-                              seed=5)
-    summary = ood_report.analyze(workdir, ood_dataset=str(ood), corruptions=("contrast",),
-                                 severities=(1, 5), output_dir=str(tmp_path / "out"),
-                                 batch_size=8)
+def test_kappa_analysis_of_the_probe_in_memory(probed, result, tmp_path):
+    frozen, in_memory, _ = probed
+    summary = reporting.write_kappa_analysis(frozen, in_memory, str(tmp_path), num_images=4)
     for path in summary["files"].values():
         assert os.path.getsize(path) > 0
     with open(summary["files"]["summary"]) as f:
         assert json.load(f) == json.loads(json.dumps(summary))
-    # The head restored from the predictions file reproduces the probe's val top-1.
-    assert summary["clean"]["top1"] == pytest.approx(result["top1"])
+    assert summary["probe_top1"] == pytest.approx(result["top1"])
+    assert summary["num_val"] == 16 and len(summary["lowest_kappa"]) == 4
+    assert summary["lowest_kappa"][0]["kappa"] <= summary["highest_kappa"][0]["kappa"]
+    assert summary["lowest_kappa"][0]["kappa"] == pytest.approx(in_memory.scored.kappa.min())
+    assert summary["accuracy_at_coverage"]["kappa"]["100%"] == pytest.approx(result["top1"])
+
+
+def test_ood_analysis_writes_figures_and_json(saved, probed, tmp_path):
+    frozen, in_memory, written = probed
+    other = tmp_path / "other"
+    fake_archives.make_folder(other, ["x", "y"], n_train=2, n_val=6, size=24, extras=False,
+                              seed=5)
+    train, _ = encoder.load_splits(frozen.config)
+    analysis = ood_report.analyze(
+        frozen, in_memory, train, ood=ood_report.load_ood_examples(str(other), frozen.config),
+        corruptions=("contrast",), severities=(1, 5))
+    summary = reporting.write_ood_analysis(analysis, str(tmp_path / "out"))
+    for path in summary["files"].values():
+        assert os.path.getsize(path) > 0
+    with open(summary["files"]["summary"]) as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    assert summary["clean"]["top1"] == written["top1"]
     assert summary["scores"] == list(ood_report.SCORES)
     assert summary["ood"]["split"] == "val" and summary["ood"]["num_images"] == 12
     for score in ood_report.SCORES:
@@ -204,31 +237,33 @@ def test_ood_analysis_writes_figures_and_json(saved, result, tmp_path):
     assert [p["severity"] for p in curve] == [0, 1, 5]
     assert curve[0]["kappa_median"] == summary["clean"]["kappa_median"]
     assert curve[0]["detection"]["kappa"]["auroc"] == 0.5  # clean against itself
-    tables = ood_report.markdown_tables([summary], severities=(1, 5))
+    # Severity 5 contrast, scored with the probe's head, is worse than clean.
+    assert curve[2]["top1"] <= curve[0]["top1"]
+    tables = results_readme.ood_markdown([summary], severities=(1, 5))
     kappa = summary["ood"]["detection"]["kappa"]
     assert f"| {kappa['auroc']:.3f} ({kappa['fpr_at_95_tpr']:.2f}) |" in tables
     assert f"| contrast | {curve[0]['top1']:.1f} / {curve[1]['top1']:.1f} / " in tables
 
 
-def test_ood_analysis_errors(saved, result, tmp_path, monkeypatch):
-    workdir, _ = saved
+def test_ood_analysis_errors(saved, probed, tmp_path, monkeypatch):
+    frozen, in_memory, _ = probed
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ood_report.analyze(workdir, ood_dataset=str(tmp_path / "nowhere"))
+        ood_report.load_ood_examples(str(tmp_path / "nowhere"), frozen.config)
     monkeypatch.setenv(datasets.DATASETS_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Dataset imagewoof is neither prepared .* "
                                                 "imagewoof2-160.tgz"):
-        ood_report.analyze(workdir, ood_dataset="imagewoof")
-    config = checkpoints.load_config(workdir)
+        ood_report.load_ood_examples("imagewoof", frozen.config)
     with pytest.raises(ValueError, match="is the pretraining dataset"):
-        ood_report.analyze(workdir, ood_dataset=config.dataset)
+        ood_report.load_ood_examples(frozen.config.dataset, frozen.config)
     with pytest.raises(ValueError, match="Unknown corruption 'fog'"):
-        ood_report.analyze(workdir, corruptions=("fog",))
-    other = tmp_path / "other_architecture"
-    shutil.copytree(os.path.join(workdir, "checkpoints"), other / "checkpoints")
-    config.model.width = 8
-    checkpoints.save_config(str(other), config)
-    with pytest.raises(ValueError, match="another architecture"):
-        ood_report.analyze(str(other), predictions=result["predictions"])
+        ood_report.analyze(frozen, in_memory, None, corruptions=("fog",))
+
+
+def test_kappa_analysis_needs_a_vi_simsiam_encoder(saved):
+    config = checkpoints.load_config(saved[0])
+    config.method = "simsiam"
+    with pytest.raises(ValueError, match="method='simsiam'.*nothing to analyse"):
+        kappa_report.check_vi_simsiam(config, saved[0])
 
 
 def test_export_torch_writes_the_checkpoint_as_safetensors(saved, tmp_path):
@@ -252,13 +287,13 @@ def test_export_torch_writes_the_checkpoint_as_safetensors(saved, tmp_path):
 
 def test_missing_workdir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pretraining workdir"):
-        probe.run(str(tmp_path / "nowhere"), _config())
+        reporting.probe(str(tmp_path / "nowhere"), _config())
 
 
 def test_workdir_without_checkpoints(saved, tmp_path):
     shutil.copy(os.path.join(saved[0], "config.json"), tmp_path)
     with pytest.raises(FileNotFoundError, match="No checkpoints in .*--random_init"):
-        probe.run(str(tmp_path), _config())
+        reporting.probe(str(tmp_path), _config())
 
 
 def test_checkpoint_of_another_architecture(saved, tmp_path):
@@ -268,12 +303,12 @@ def test_checkpoint_of_another_architecture(saved, tmp_path):
     checkpoints.save_config(str(tmp_path), config)
     with pytest.raises(ValueError, match=r"another architecture .*params/backbone/bn1/bias: "
                                          r"checkpoint \(4,\), config \(8,\)"):
-        probe.run(str(tmp_path), _config())
+        reporting.probe(str(tmp_path), _config())
 
 
 def test_bad_probe_config_names_the_field(saved):
     with pytest.raises(ValueError, match="config.mode"):
-        probe.run(saved[0], _config(mode="finetune"))
+        reporting.probe(saved[0], _config(mode="finetune"))
 
 
 def test_half_precision_encoder_gives_float32_features_close_to_float32(saved):
@@ -282,11 +317,11 @@ def test_half_precision_encoder_gives_float32_features_close_to_float32(saved):
     BatchNorm renormalises in between, so the errors add rather than compound)."""
     features = {}
     for half_precision in (False, True):
-        _, model, variables, _, train_examples, _ = encoder.load(saved[0], None, False,
-                                                                 half_precision)
-        assert jnp.dtype(model.dtype) == (jnp.bfloat16 if half_precision else jnp.float32)
-        features[half_precision] = encoder.centre_crop_features(
-            model, variables, train_examples, batch_size=8, image_size=16).features
+        frozen = encoder.load(saved[0], half_precision=half_precision)
+        assert jnp.dtype(frozen.model.dtype) == (jnp.bfloat16 if half_precision else jnp.float32)
+        train_examples, _ = encoder.load_splits(frozen.config)
+        features[half_precision] = frozen.features(train_examples, batch_size=8,
+                                                   image_size=16).features
     assert features[True].dtype == np.float32
     error = np.linalg.norm(features[True] - features[False]) / np.linalg.norm(features[False])
     assert 0 < error <= 20 * 2.0**-8

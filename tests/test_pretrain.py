@@ -66,7 +66,7 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_p
 
     monkeypatch.setattr(augment, "views", poisoned)
     with pytest.raises(FloatingPointError, match=f"at step {nan_step} "):
-        loop.train_and_evaluate(run_config, str(tmp_path))
+        loop.pretrain(run_config, str(tmp_path))
     state = restore(tmp_path)
     assert int(state.step) == 2  # the newest checkpoint predates the bad step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
@@ -86,7 +86,7 @@ def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pr
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        final = loop.train_and_evaluate(config(pretrain_data, num_epochs=1), str(tmp_path))
+        final = loop.pretrain(config(pretrain_data, num_epochs=1), str(tmp_path))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(lowered) == 1
@@ -129,4 +129,4 @@ def test_invalid_config_values_are_named(field, value):
 def test_missing_dataset_names_the_path(tmp_path):
     config = tiny_config.get_config(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        loop.train_and_evaluate(config, str(tmp_path / "work"))
+        loop.pretrain(config, str(tmp_path / "work"))

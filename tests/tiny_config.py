@@ -23,4 +23,5 @@ def get_config(dataset: str = "imagenette") -> ml_collections.ConfigDict:
     config.num_epochs = 2
     config.log_every_steps = 2
     config.checkpoint_every_steps = 2
+    config.eval_every_epochs = 0  # the demo's kNN monitor; tests/test_pretrain.py turns it on
     return config

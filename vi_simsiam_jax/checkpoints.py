@@ -15,9 +15,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 CONFIG_FILE = "config.json"
-# Settings that may change when a run is resumed (loop settings, and the convolution
-# implementation, which leaves parameters and values unchanged); every other field must match.
-_RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "conv")
+# Settings that may change when a run is resumed (loop settings, the kNN monitor, and the
+# convolution implementation, which leaves parameters and values unchanged); every other field
+# must match.
+_RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "conv",
+                     "eval_every_epochs")
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -79,8 +81,12 @@ def save(checkpoint_manager: ocp.CheckpointManager, step: int, state: Any) -> No
 
 
 def restore_latest(checkpoint_manager: ocp.CheckpointManager, abstract_state: Any,
-                   step: int | None = None, quarantine_corrupt: bool = False) -> Any | None:
+                   step: int | None = None, quarantine_corrupt: bool = False,
+                   partial: bool = False) -> Any | None:
     """Restores the given step, or the newest readable one; None if there are none.
+
+    partial: abstract_state is a dict holding some of the saved state's fields (e.g. the
+    encoder's "params" and "batch_stats"); only those are read (orbax partial restore).
 
     A checkpoint that fails to restore (truncated or corrupted files) is reported and the next
     older one is tried, so one bad save never loses the run. With quarantine_corrupt (a run
@@ -93,11 +99,16 @@ def restore_latest(checkpoint_manager: ocp.CheckpointManager, abstract_state: An
             raise ValueError(f"No checkpoint for step {step} in {checkpoint_manager.directory}; "
                              f"available: {sorted(steps)}.")
         steps = [step]
+    if partial:
+        args = ocp.args.PyTreeRestore(
+            item=abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+    else:
+        args = ocp.args.StandardRestore(abstract_state)
     quarantined = False
     for candidate in steps:
         try:
-            state = checkpoint_manager.restore(candidate,
-                                               args=ocp.args.StandardRestore(abstract_state))
+            state = checkpoint_manager.restore(candidate, args=args)
         except Exception as error:  # orbax raises many types for damaged files
             if step is not None:
                 raise

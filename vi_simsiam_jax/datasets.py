@@ -32,6 +32,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
@@ -302,6 +303,12 @@ def prepare(dataset: str, *, data_dir: str | None = None,
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
+
+
+def prepare_from_config(config: ml_collections.ConfigDict) -> VisImages:
+    """`prepare` of the dataset a pretraining config names (config.dataset, data_dir, archive)."""
+    return prepare(config.dataset, data_dir=config.data_dir or None,
+                   archive=config.archive or None)
 
 
 @dataclasses.dataclass(frozen=True)

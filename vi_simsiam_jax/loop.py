@@ -1,5 +1,6 @@
 """The pretraining loop around the pure step of `train`: input, checkpoints, exact resume,
-metrics and logging, preemption, and the checks that fail before any training.
+metrics and logging, the kNN monitor, preemption, and the checks that fail before any
+training.
 
 Batches and step keys depend only on (seed, step), so a resumed run continues exactly as an
 uninterrupted one.
@@ -21,6 +22,7 @@ from flax import jax_utils
 
 from vi_simsiam_jax import checkpoints, datasets, input_pipeline, losses, models, train
 from vi_simsiam_jax.cpu import layers
+from vi_simsiam_jax.evaluation import encoder, knn_monitor
 from vi_simsiam_jax.train_state import (AXIS_NAME, EMA_SCHEDULES, TrainState, create_train_state,
                                         make_model)
 
@@ -58,6 +60,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         ("stream_max_side", config.stream_max_side >= config.global_size,
          "at least global_size"),
         ("log_every_steps", config.log_every_steps > 0, "positive"),
+        ("eval_every_epochs", config.eval_every_epochs >= 0, ">= 0 (0: no kNN monitor)"),
         ("checkpoint_every_steps", config.checkpoint_every_steps > 0, "positive"),
         ("keep_checkpoints", config.keep_checkpoints > 0, "positive"),
     ]
@@ -150,8 +153,12 @@ class Preempted(Exception):
     """The run stopped on SIGTERM after saving a checkpoint; rerun to resume."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Pretrains on config.dataset; resumes from the newest checkpoint in workdir if any.
+
+    Every config.eval_every_epochs epochs (0: never) the kNN monitor
+    (`knn_monitor.LocalSplitKnn`) scores the encoder on the local split of train and its top-1
+    goes to metrics.jsonl and TensorBoard; it reads the state and changes nothing of the run.
 
     Stops with FloatingPointError at the first non-finite step, after the
     last good checkpoint is safely on disk (the bad state is never saved). On SIGTERM it saves
@@ -162,8 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     _check_workdir(workdir)
     checkpoints.save_config(workdir, config)
 
-    builder = datasets.prepare(config.dataset, data_dir=config.data_dir or None,
-                               archive=config.archive or None)
+    builder = datasets.prepare_from_config(config)
     examples = datasets.load_examples(builder, "train")
     steps_per_epoch = input_pipeline.steps_per_epoch(len(examples), config.batch_size)
     if steps_per_epoch == 0:
@@ -197,6 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # On the step's own mesh axis: an array placed under another axis name has another type
     # for jit, so the second step (fed the first step's output) would compile again.
     state = jax_utils.replicate(state, axis_name=AXIS_NAME)
+    monitor = (knn_monitor.LocalSplitKnn(examples, config.batch_size, config.global_size)
+               if config.eval_every_epochs else None)
+    eval_model = make_model(config, axis_name=None)
     writer = MetricWriter(workdir)
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=jax.process_index() != 0)
@@ -215,6 +224,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pending.append({k: float(v) for k, v in metrics.items()})
             progress.update()
             done = step + 1
+            if monitor and done % (config.eval_every_epochs * steps_per_epoch) == 0:
+                variables = _unreplicate({"params": state.params,
+                                          "batch_stats": state.batch_stats})
+                evaluation = monitor.evaluate(
+                    encoder.FrozenEncoder(config, eval_model, variables, done))
+                writer.write(done, evaluation)
+                logging.info("step %d: kNN top-1 on the local split %.2f%% (%.1f s)", done,
+                             evaluation["knn_top1_local_val"], evaluation["knn_eval_s"])
             if done % config.log_every_steps == 0 or done == total_steps:
                 now = time.perf_counter()
                 summary = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}

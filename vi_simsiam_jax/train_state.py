@@ -1,5 +1,5 @@
-"""The model, optimiser and train state a pretraining config describes: what training builds and
-what evaluation restores (checkpoints hold a `TrainState`)."""
+"""The model, optimiser and train state a pretraining config describes: what training builds
+(checkpoints hold a `TrainState`) and, of it, what evaluation restores (the model's variables)."""
 
 import functools
 from typing import Any, Literal
@@ -121,9 +121,9 @@ def view_shapes(config: ml_collections.ConfigDict, batch_size: int) -> list[tupl
     return [(batch_size, size, size, 3) for size, _ in crops_config(config).views()]
 
 
-def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet,
-                       steps_per_epoch: int) -> TrainState:
-    """Initialises parameters (on the host, unreplicated), BN statistics, optimiser and target.
+def init_variables(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet
+                   ) -> dict[str, Any]:
+    """The model's initial {"params", "batch_stats"} (on the host, unreplicated).
 
     They are float32, or float64 when the model computes in float64 (`dtype` in config.model,
     as the tests' tiny config has, with jax_enable_x64): a step without float32 rounding, with
@@ -132,7 +132,13 @@ def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: mod
     variables = jax.jit(functools.partial(model.init, method=models.SiameseNet.forward_views),
                         static_argnums=2)(rng, views, False)
     storage = jnp.promote_types(jnp.float32, model.dtype)
-    variables = jax.tree.map(lambda a: a.astype(storage), variables)
+    return jax.tree.map(lambda a: a.astype(storage), dict(variables))
+
+
+def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet,
+                       steps_per_epoch: int) -> TrainState:
+    """Initialises parameters and BN statistics (`init_variables`), optimiser and target."""
+    variables = init_variables(rng, config, model)
     params, batch_stats = variables["params"], variables["batch_stats"]
     target_variables = None
     if config.target == "ema":
@@ -142,7 +148,14 @@ def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: mod
                              target_variables=target_variables)
 
 
+def abstract_variables(config: ml_collections.ConfigDict, model: models.SiameseNet
+                       ) -> dict[str, Any]:
+    """Shapes and dtypes of {"params", "batch_stats"}, without computing them: what evaluation
+    restores from a checkpoint (no optimiser is built)."""
+    return jax.eval_shape(lambda: init_variables(jax.random.key(0), config, model))
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, model: models.SiameseNet
                          ) -> TrainState:
-    """Shapes and dtypes of the TrainState, without computing an initialisation (to restore)."""
+    """Shapes and dtypes of the whole TrainState, without computing an initialisation."""
     return jax.eval_shape(lambda: create_train_state(jax.random.key(0), config, model, 1))

@@ -66,8 +66,9 @@ def restore_encoder(workdir: str, config: ml_collections.ConfigDict, model: mode
                     step: int | None = None) -> tuple[Variables, int]:
     """The pretrained {"params", "batch_stats"} at `step` (default: newest readable) and its step.
 
-    Before restoring, the checkpoint's parameter shapes are compared with `model` (built from the
-    workdir's config.json), so a mismatch names the differing parameters.
+    Only those two fields of the saved train state are read (no optimiser is built or
+    restored). Before restoring, the checkpoint's parameter shapes are compared with `model`
+    (built from the workdir's config.json), so a mismatch names the differing parameters.
     """
     manager = checkpoints.manager(workdir, read_only=True)
     try:
@@ -76,24 +77,26 @@ def restore_encoder(workdir: str, config: ml_collections.ConfigDict, model: mode
             raise FileNotFoundError(
                 f"No checkpoints in {manager.directory}: pretrain first, or pass --random_init "
                 "to probe the untrained encoder.")
-        abstract = train_state.abstract_train_state(config, model)
+        abstract = train_state.abstract_variables(config, model)
         checked = max(steps) if step is None else step
         if checked in steps:
             path = manager.directory / str(checked) / ocp_manager.DEFAULT_ITEM_NAME
             saved = ocp.StandardCheckpointer().metadata(path).item_metadata
             check_architecture({"params": saved.get("params", {})},
-                               {"params": abstract.params}, str(path),
+                               {"params": abstract["params"]}, str(path),
                                os.path.join(workdir, checkpoints.CONFIG_FILE))
-        state = checkpoints.restore_latest(manager, abstract, step)
+        restored = checkpoints.restore_latest(
+            manager, {**abstract, "step": jax.ShapeDtypeStruct((), jnp.int32)}, step,
+            partial=True)
     finally:
         manager.close()
-    return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
+    return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, int(
+        restored["step"])
 
 
 def init_encoder(config: ml_collections.ConfigDict, model: models.SiameseNet) -> Variables:
     """The untrained encoder: exactly the pretraining run's initial weights (config.seed)."""
-    state = train_state.create_train_state(jax.random.key(config.seed), config, model, 1)
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    return train_state.init_variables(jax.random.key(config.seed), config, model)
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -190,21 +193,42 @@ def augmented_features(model: models.SiameseNet, variables: Variables,
     return extract_features(model, variables, dataset)
 
 
-def load(workdir: str, step: int | None, random_init: bool, half_precision: bool = False
-         ) -> tuple[ml_collections.ConfigDict, models.SiameseNet, Variables, int,
-                    datasets.Examples, datasets.Examples]:
-    """The frozen encoder of a pretraining workdir and its data: (pretraining config, model,
-    encoder variables, their step, train and val examples). step: checkpoint step (default:
-    newest); random_init: the run's initial weights instead; half_precision: the encoder
-    computes in bfloat16 (`train_state.make_model`), whatever the pretraining did; its features
-    are float32 either way."""
-    pretrain_config = checkpoints.load_config(workdir)
-    model = train_state.make_model(pretrain_config, axis_name=None, half_precision=half_precision)
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+    """A pretraining run's encoder as evaluation uses it: its config, model and variables."""
+
+    config: ml_collections.ConfigDict  # the pretraining config (the workdir's config.json)
+    model: models.SiameseNet
+    variables: Variables  # {"params", "batch_stats"}
+    step: int  # the checkpoint's step (0 at random init)
+    random_init: bool = False
+
+    def features(self, examples: datasets.Examples, batch_size: int, image_size: int,
+                 corruption: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
+                 ) -> FeatureSet:
+        """`centre_crop_features` of examples with this encoder."""
+        return centre_crop_features(self.model, self.variables, examples,
+                                    batch_size=batch_size, image_size=image_size,
+                                    corruption=corruption)
+
+
+def load(workdir: str, step: int | None = None, random_init: bool = False,
+         half_precision: bool = False) -> FrozenEncoder:
+    """The frozen encoder of a pretraining workdir. step: checkpoint step (default: newest);
+    random_init: the run's initial weights instead; half_precision: the encoder computes in
+    bfloat16 (`train_state.make_model`), whatever the pretraining did; its features are float32
+    either way."""
+    config = checkpoints.load_config(workdir)
+    model = train_state.make_model(config, axis_name=None, half_precision=half_precision)
     if random_init:
-        variables, step = init_encoder(pretrain_config, model), 0
+        variables, step = init_encoder(config, model), 0
     else:
-        variables, step = restore_encoder(workdir, pretrain_config, model, step)
-    builder = datasets.prepare(pretrain_config.dataset, data_dir=pretrain_config.data_dir or None,
-                               archive=pretrain_config.archive or None)
-    return (pretrain_config, model, variables, step, datasets.load_examples(builder, "train"),
-            datasets.load_examples(builder, "val"))
+        variables, step = restore_encoder(workdir, config, model, step)
+    return FrozenEncoder(config, model, variables, step, random_init)
+
+
+def load_splits(config: ml_collections.ConfigDict
+                ) -> tuple[datasets.Examples, datasets.Examples]:
+    """The train and val examples of a pretraining config's dataset."""
+    builder = datasets.prepare_from_config(config)
+    return datasets.load_examples(builder, "train"), datasets.load_examples(builder, "val")

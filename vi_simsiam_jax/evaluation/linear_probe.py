@@ -18,16 +18,15 @@ Modes (see experiments/configs/probe.py):
 - "online": SimSiam's recipe exactly, the frozen encoder applied to fresh augmentations at every
   step (one encoder pass per training image and epoch).
 
-Outputs of `run`: a JSON result (top-1/top-5 in percent, kNN top-1, the sweep, timings) and, beside
-it, `<name>_predictions.npz` with the per-example val logits, labels, file names, the fitted head
-(`restore_head`) and, for VI-SimSiam, the predicted kappa from the same forward pass (read by
-experiments/analyze_kappa.py and experiments/analyze_ood.py).
+`evaluate` returns a `ProbeResult` in memory: the metrics (top-1/top-5 in percent, kNN top-1,
+the sweep, timings), the fitted head, the scored rows with their logits and, in cached mode, the
+centre-crop features of the training split; the kappa and OOD analyses take it as it is.
+Writing files is the experiment modules' job (experiments/reporting.py).
 """
 
+import dataclasses
 import functools
 import itertools
-import json
-import os
 import time
 from typing import Any, Iterable, Iterator
 
@@ -38,7 +37,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 from flax.training import train_state
 
 from vi_simsiam_jax import datasets, input_pipeline
@@ -47,8 +45,6 @@ from vi_simsiam_jax.evaluation import encoder, knn
 Array = jax.Array
 MODES = ("cached", "online")
 EVAL_SPLITS = ("val", "local_val")
-PREDICTIONS_SUFFIX = "_predictions.npz"
-HEAD_PREFIX = "head/"  # names of the fitted head's variables in the predictions file
 
 
 class LinearClassifier(nn.Module):
@@ -119,20 +115,6 @@ def head_logits(state: HeadState, features: Array) -> Array:
                           False)
 
 
-def restore_head(predictions: dict[str, np.ndarray], path: str
-                 ) -> tuple[LinearClassifier, dict[str, Any]]:
-    """The head and variables that `run` fitted, from its predictions file (loaded as a dict)."""
-    flat = {name[len(HEAD_PREFIX):]: value for name, value in predictions.items()
-            if name.startswith(HEAD_PREFIX)}
-    if not flat:
-        raise ValueError(f"{path} holds no fitted head (it was written by an older version): "
-                         "rerun experiments.linear_probe on the workdir.")
-    variables = traverse_util.unflatten_dict(flat, sep="/")
-    head = LinearClassifier(num_classes=len(predictions["label_names"]),
-                            batch_norm="batch_stats" in variables)
-    return head, variables
-
-
 def cached_batches(features: np.ndarray, labels: np.ndarray, batch_size: int,
                    seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless batches of stored features: a fresh permutation per epoch, last partial dropped."""
@@ -177,34 +159,6 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {f"top{k}": float(100.0 * topk_correct(logits, labels, k).mean()) for k in (1, 5)}
 
 
-def default_output(workdir: str, step: int | None = None, random_init: bool = False,
-                   eval_split: str = "val") -> str:
-    """workdir/probe[_local_val][_random_init][_step<N>].json."""
-    name = "probe" + ("_local_val" if eval_split == "local_val" else "")
-    name += "_random_init" if random_init else ""
-    name += f"_step{step}" if step is not None else ""
-    return os.path.join(workdir, name + ".json")
-
-
-def predictions_path(output: str) -> str:
-    """The .npz of per-example val predictions written beside the JSON result `output`."""
-    return os.path.splitext(output)[0] + PREDICTIONS_SUFFIX
-
-
-def find_predictions(workdir: str, step: int | None, predictions: str | None,
-                     probe_config: ml_collections.ConfigDict | None) -> str:
-    """The predictions file to analyse: `predictions`, else the default probe's. If it does not
-    exist, the probe is run first with probe_config (FileNotFoundError without one)."""
-    predictions = predictions or predictions_path(default_output(workdir, step))
-    if not os.path.exists(predictions):
-        if probe_config is None:
-            raise FileNotFoundError(f"{predictions} not found: run experiments.linear_probe "
-                                    f"--workdir={workdir} first.")
-        logging.info("%s not found: running the linear probe first.", predictions)
-        run(workdir, probe_config, step=step)
-    return predictions
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first probe config field with an invalid value."""
     checks = [
@@ -229,19 +183,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"{expected}.")
 
 
-def knn_accuracy(workdir: str, config: ml_collections.ConfigDict, step: int | None = None
-                 ) -> tuple[int, float]:
-    """(step, kNN top-1 on val) of the checkpoint at `step` (default: newest), on centre-crop
-    features, with run()'s kNN settings: the cheap monitor for training curves."""
-    pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
-        workdir, step, random_init=False)
-    centre = functools.partial(encoder.centre_crop_features, model, variables,
-                               batch_size=config.extract_batch_size,
-                               image_size=config.image_size or pretrain_config.global_size)
-    train_rows, val = centre(train_examples), centre(val_examples)
-    return step, _knn_top1(train_rows, val, len(train_examples.label_names), config)
-
-
 def _knn_top1(train_rows: encoder.FeatureSet, val: encoder.FeatureSet, num_classes: int,
               config: ml_collections.ConfigDict) -> float:
     return knn.knn_top1(train_rows.features, train_rows.labels, val.features, val.labels,
@@ -249,27 +190,35 @@ def _knn_top1(train_rows: encoder.FeatureSet, val: encoder.FeatureSet, num_class
                         temperature=config.knn_temperature)
 
 
-def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
-        random_init: bool = False, output: str | None = None) -> dict[str, Any]:
-    """Linear evaluation of the encoder in a pretraining workdir; writes and returns the result.
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What `evaluate` computed, handed over in memory."""
 
-    step: checkpoint step (default: newest). random_init: probe the untrained encoder instead
-    (the lower anchor). The learning rate is the best of config.lr_sweep by top-1 on local_val
-    after a fit on local_train (config.learning_rate if the sweep is empty). With
-    config.eval_split="val" a head fit on all of train is scored on val; with "local_val" the
-    best sweep head's local_val score is the result and no val image is encoded. output: JSON
-    path (default `default_output(...)`).
+    metrics: dict[str, Any]  # JSON-ready: accuracies, sweep, sizes, timings, probe config
+    head: HeadState  # the fitted head (inference: `head_logits`)
+    scored: encoder.FeatureSet  # the rows scored: val, or local_val
+    scored_examples: datasets.Examples  # the split that scored.index points into
+    logits: np.ndarray  # (len(scored), num_classes) float32
+    train: encoder.FeatureSet | None  # centre-crop features of train (cached mode), else None
+
+
+def evaluate(frozen: encoder.FrozenEncoder, train_examples: datasets.Examples,
+             val_examples: datasets.Examples, config: ml_collections.ConfigDict) -> ProbeResult:
+    """Linear evaluation of a frozen encoder.
+
+    The learning rate is the best of config.lr_sweep by top-1 on local_val after a fit on
+    local_train (config.learning_rate if the sweep is empty). With config.eval_split="val" a
+    head fit on all of train is scored on val; with "local_val" the best sweep head's local_val
+    score is the result and no val image is encoded.
     """
     start = time.perf_counter()
     validate_config(config)
     local_only = config.eval_split == "local_val"
-    output = output or default_output(workdir, step, random_init, config.eval_split)
-    pretrain_config, model, variables, step, train_examples, val_examples = encoder.load(
-        workdir, step, random_init, config.half_precision)
-    image_size = config.image_size or pretrain_config.global_size
+    model, variables = frozen.model, frozen.variables
+    image_size = config.image_size or frozen.config.global_size
     num_classes = len(train_examples.label_names)
     local_val = datasets.local_val_mask(train_examples.file_names)
-    times = {"setup": time.perf_counter() - start}
+    times = {}
 
     tic = time.perf_counter()
     centre = functools.partial(encoder.centre_crop_features, model, variables,
@@ -330,10 +279,9 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
         head = fit(best_lr, np.ones(len(train_examples), bool))
         logits = np.asarray(head_logits(head, val.features))
     times["fit"] = time.perf_counter() - tic
-    result = {
-        "workdir": os.path.abspath(workdir), "step": step, "random_init": random_init,
-        "eval_split": config.eval_split,
-        "method": pretrain_config.method, "dataset": pretrain_config.dataset,
+    metrics = {
+        "step": frozen.step, "random_init": frozen.random_init, "eval_split": config.eval_split,
+        "method": frozen.config.method, "dataset": frozen.config.dataset,
         **accuracy(logits, val.labels), "top5_k": min(5, num_classes),
         "learning_rate": best_lr, "lr_sweep_local_val_top1": {str(k): v for k, v in sweep.items()},
         "image_size": image_size, "feature_dim": feature_dim,
@@ -344,32 +292,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
         knn_train = train_centre
         if local_only:
             knn_train = train_centre.subset(~local_val[train_centre.index])
-        result["knn_top1"] = _knn_top1(knn_train, val, num_classes, config)
+        metrics["knn_top1"] = _knn_top1(knn_train, val, num_classes, config)
     times["total"] = time.perf_counter() - start
-    result.update(probe_config=config.to_dict(), wall_time_s=times, output=output,
-                  predictions=predictions_path(output))
-    _save(result, val, val_examples, logits, head)
-    return result
-
-
-def _save(result: dict[str, Any], val: encoder.FeatureSet, val_examples: datasets.Examples,
-          logits: np.ndarray, head: HeadState) -> None:
-    """Writes the JSON result and the per-example predictions .npz (atomically); the .npz also
-    holds the fitted head, so other evaluations can classify new features with it."""
-    os.makedirs(os.path.dirname(os.path.abspath(result["output"])), exist_ok=True)
-    head_variables = {"params": head.params, "batch_stats": head.batch_stats}
-    arrays = {"logits": logits.astype(np.float32), "labels": val.labels,
-              "file_names": np.array([str(n) for n in val_examples.file_names[val.index]]),
-              "label_names": np.array(val_examples.label_names), "step": np.array(result["step"]),
-              "image_size": np.array(result["image_size"]),
-              **{HEAD_PREFIX + name: np.asarray(value) for name, value in
-                 traverse_util.flatten_dict(head_variables, sep="/").items()}}
-    if val.kappa is not None:
-        arrays["kappa"] = val.kappa
-    tmp = result["predictions"] + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, result["predictions"])
-    tmp = result["output"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, result["output"])
+    metrics.update(probe_config=config.to_dict(), wall_time_s=times)
+    return ProbeResult(metrics, head, val, val_examples, logits.astype(np.float32), train_centre)

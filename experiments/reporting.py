@@ -1,0 +1,107 @@
+"""What the experiment modules write from the evaluators' in-memory results: the probe's JSON
+and per-image predictions, and the kappa and OOD analyses' JSON and figures (experiments/
+figures.py). The evaluators themselves (vi_simsiam_jax/evaluation) write nothing.
+
+Files in a pretraining workdir: probe[_local_val][_random_init][_step<N>].json with
+<same name>_predictions.npz beside it (per scored image: logits, label, file name and, for
+VI-SimSiam, kappa), kappa_analysis/ and ood_analysis/.
+"""
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from experiments import figures
+from vi_simsiam_jax import datasets
+from vi_simsiam_jax.evaluation import encoder, kappa_report, linear_probe, ood_report
+
+PREDICTIONS_SUFFIX = "_predictions.npz"
+
+
+def write_json(path: str, data: Any) -> None:
+    """Writes data as indented JSON, atomically (a temporary file renamed over path)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def probe_output(workdir: str, step: int | None = None, random_init: bool = False,
+                 eval_split: str = "val") -> str:
+    """workdir/probe[_local_val][_random_init][_step<N>].json."""
+    name = "probe" + ("_local_val" if eval_split == "local_val" else "")
+    name += "_random_init" if random_init else ""
+    name += f"_step{step}" if step is not None else ""
+    return os.path.join(workdir, name + ".json")
+
+
+def write_probe(result: linear_probe.ProbeResult, workdir: str, output: str) -> dict[str, Any]:
+    """Writes the probe's JSON to `output` and its per-image predictions beside it; returns the
+    JSON written."""
+    predictions = os.path.splitext(output)[0] + PREDICTIONS_SUFFIX
+    written = {"workdir": os.path.abspath(workdir), **result.metrics, "output": output,
+               "predictions": predictions}
+    scored = result.scored
+    arrays = {"logits": result.logits, "labels": scored.labels,
+              "file_names": np.array([str(n) for n in
+                                      result.scored_examples.file_names[scored.index]]),
+              "label_names": np.array(result.scored_examples.label_names)}
+    if scored.kappa is not None:
+        arrays["kappa"] = scored.kappa
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = predictions + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, predictions)
+    write_json(output, written)
+    return written
+
+
+def fit_probe(workdir: str, config: ml_collections.ConfigDict, step: int | None = None,
+              random_init: bool = False
+              ) -> tuple[encoder.FrozenEncoder, datasets.Examples, linear_probe.ProbeResult]:
+    """Restores the workdir's encoder (or its initial weights) and runs the linear probe on its
+    dataset; returns (encoder, train examples, probe result). Writes nothing."""
+    linear_probe.validate_config(config)
+    frozen = encoder.load(workdir, step, random_init, config.half_precision)
+    train, val = encoder.load_splits(frozen.config)
+    return frozen, train, linear_probe.evaluate(frozen, train, val, config)
+
+
+def probe(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
+          random_init: bool = False, output: str | None = None
+          ) -> tuple[encoder.FrozenEncoder, linear_probe.ProbeResult, dict[str, Any]]:
+    """`fit_probe` and its files (output: default `probe_output`); returns (encoder, result,
+    the JSON written)."""
+    frozen, _, result = fit_probe(workdir, config, step, random_init)
+    output = output or probe_output(workdir, step, random_init, config.eval_split)
+    return frozen, result, write_probe(result, workdir, output)
+
+
+def write_kappa_analysis(frozen: encoder.FrozenEncoder, result: linear_probe.ProbeResult,
+                         output_dir: str, num_images: int = 16) -> dict[str, Any]:
+    """kappa_report.analyze of the probe result, its four figures and uncertainty.json in
+    output_dir; returns the summary with the paths written."""
+    builder = datasets.prepare_from_config(frozen.config)
+    descriptions = (builder.builder_config.label_descriptions
+                    or result.scored_examples.label_names)
+    summary = kappa_report.analyze(result, descriptions, num_images)
+    os.makedirs(output_dir, exist_ok=True)
+    files = figures.kappa_figures(result, summary, frozen.config.model, output_dir)
+    summary["files"] = {**files, "summary": os.path.join(output_dir, "uncertainty.json")}
+    write_json(summary["files"]["summary"], summary)
+    return summary
+
+
+def write_ood_analysis(analysis: ood_report.OodAnalysis, output_dir: str) -> dict[str, Any]:
+    """The OOD analysis's figures and ood.json in output_dir; returns the summary with the paths
+    written."""
+    os.makedirs(output_dir, exist_ok=True)
+    summary = dict(analysis.summary)
+    summary["files"] = {**figures.ood_figures(analysis, output_dir),
+                        "summary": os.path.join(output_dir, "ood.json")}
+    write_json(summary["files"]["summary"], summary)
+    return summary
