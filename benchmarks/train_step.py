@@ -9,7 +9,9 @@ ResNet-18 -> projector (dim, dim, dim) -> predictor (pred_dim, dim + 1 for vi_si
 1e-3, momentum 0.9, weight decay 1e-4, BN weights not zero-initialised. It prints one JSON line
 with the reference's fields (`images_per_sec` counts source images, each seen in every view;
 `step_s`; `first_step_s`, compile included) plus compile_s, FLOPs per step, the achieved
-GFLOP/s and its fraction of the machine's float32 peak, and peak memory; with --profile, the
+GFLOP/s and its fraction of the machine's float32 peak (`peak_gflops`, from --peak_gflops or
+computed from /proc/cpuinfo by benchmarks/peak_flops.py, and `peak_source`, how it was obtained;
+all three null on an accelerator without --peak_gflops), and peak memory; with --profile, the
 time per step of each kind of XLA op, from a jax.profiler trace. FLOPs: `flops_per_step` is
 XLA's cost analysis of the compiled step (what it executes: Winograd convolutions do fewer
 multiplications, and the body of a loop, such as a chunk loop of `conv`, is
@@ -20,9 +22,9 @@ method's arithmetic, which PyTorch does), and GFLOP/s and the fraction of peak u
 With --torch_python (default /tmp/torchref/bin/python when it exists) the reference runs in the
 same invocation: benchmarks/torch_train_step.py builds its model, optimiser and inputs from
 --torch_script and stays alive, and the two alternate, --steps JAX steps then --steps PyTorch
-steps, for --rounds rounds (JAX's speed on the 2-core machine drifts over tens of seconds, so
-both are timed step by step in the same stretches). `step_s` and `torch_step_s` are
-the medians of the single-step times, and the ratio is theirs.
+steps, for --rounds rounds (a machine's speed can drift over tens of seconds: benchmarks/
+README.md, "Known variance"; so both are timed step by step in the same stretches). `step_s`
+and `torch_step_s` are the medians of the single-step times, and the ratio is theirs.
 Same semantics on both sides: every view has its own BatchNorm statistics (the default
 bn_views="separate"; the JAX step runs the convolutions once on the concatenated views, PyTorch
 once per view) and the loss is the reference's mean over the view pairs; FLOPs are the same.
@@ -36,11 +38,11 @@ times the pretraining step of that config (global and local crops, its model and
 PyTorch peer, whose script has one crop size) fed uint8 160 px source images, the views made
 inside it, as `step_s`; beside it, in alternation, the same step on ready views as
 `views_step_s`, and `augmentation_ratio`, the median over the pairs of a step and the view
-step timed next to it of their ratio (with --steps=1, adjacent steps). Then, with --loop_epochs, runs
-`loop.train_and_evaluate` on the config's dataset for that many epochs in a temporary workdir
-(input pipeline, metrics, checkpoints: everything `experiments.pretrain` does). `loop_step_s`
-is the loop's time per step after its first log interval (which holds the compilation), from
-its metrics.jsonl; `loop_fraction_of_step` = step_s / loop_step_s.
+step timed next to it of their ratio (with --steps=1, adjacent steps). Then, with
+--loop_epochs, runs `loop.train_and_evaluate` on the config's dataset for that many epochs in a
+temporary workdir (input pipeline, metrics, checkpoints: everything `experiments.pretrain`
+does). `loop_step_s` is the loop's time per step after its first log interval (which holds the
+compilation), from its metrics.jsonl; `loop_fraction_of_step` = step_s / loop_step_s.
 """
 
 import collections
@@ -65,7 +67,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks import compiled_step, peer  # noqa: E402
+from benchmarks import compiled_step, peak_flops, peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
 from vi_simsiam_jax import loop, models, train, train_state  # noqa: E402
 from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
@@ -100,8 +102,9 @@ flags.DEFINE_string("torch_script", str(pathlib.Path(__file__).resolve().parents
 flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads (JAX uses every core).")
 flags.DEFINE_bool("profile", False, "Also trace --steps steps with jax.profiler and report the "
                   "time per step of each kind of XLA op (fusion kinds, convolutions, ...).")
-flags.DEFINE_float("peak_gflops", 333.0, "float32 peak of the machine (2 cores x AVX-512 FMA x "
-                   "2.6 GHz = 333 GFLOP/s), for the achieved fraction.")
+flags.DEFINE_float("peak_gflops", None, "float32 peak of the machine in GFLOP/s, for the achieved "
+                   "fraction; default: computed from /proc/cpuinfo (benchmarks/peak_flops.py, "
+                   "which assumes 2 FMA units per core), none on an accelerator.")
 FLAGS = flags.FLAGS
 
 
@@ -232,6 +235,8 @@ def main(argv: list[str]) -> None:
         reference.close()
     step_s = statistics.median(jax_times)
     gflops = step.direct_flops / step_s / 1e9
+    peak = (peak_flops.Peak(FLAGS.peak_gflops, "--peak_gflops") if FLAGS.peak_gflops
+            else peak_flops.machine_peak(jax.default_backend()))
     views = train_state.view_shapes(config, config.batch_size)
     result = {
         "impl": "jax", "method": config.method, "view_sizes": [v[1] for v in views],
@@ -243,7 +248,9 @@ def main(argv: list[str]) -> None:
         "step_s": round(step_s, 4), "images_per_sec": round(config.batch_size / step_s, 2),
         "loss": round(loss, 4), "flops_per_step": step.flops,
         "direct_flops_per_step": step.direct_flops, "gflops_per_sec": round(gflops, 1),
-        "fraction_of_peak": round(gflops / FLAGS.peak_gflops, 3),
+        "peak_gflops": peak.gflops if peak else None,
+        "peak_source": peak.source if peak else None,
+        "fraction_of_peak": round(gflops / peak.gflops, 3) if peak else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "xla_temp_mib": step.memory_mib()["xla_temp_mib"],
         "step_s_all": [round(t, 3) for t in jax_times],

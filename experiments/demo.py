@@ -71,13 +71,17 @@ def main(argv: list[str]) -> None:
     timings["analysis_s"] = time.perf_counter() - start
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        last_log = json.loads(f.readlines()[-1])
+        logged = [json.loads(line) for line in f]
+    last_log = [row for row in logged if "loss" in row][-1]
+    knn_curve = {row["step"]: row["knn_top1_local_val"] for row in logged
+                 if "knn_top1_local_val" in row}
     report = {
         "probe": _accuracy(trained), "baseline": _accuracy(baseline),
         "kappa": {k: kappa[k] for k in ("kappa", "auroc_kappa", "auroc_max_softmax",
                                         "accuracy_at_coverage")},
         "pretrain": {k: last_log.get(k) for k in ("step", "loss", "kappa_mean", "cosine",
                                                   "z_std")},
+        "knn_monitor": knn_curve,  # step -> kNN top-1 on the local split while pretraining
         "figures": kappa["files"], "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "config": {k: config[k] for k in ("method", "num_epochs", "learning_rate", "seed")},
     }

@@ -87,10 +87,30 @@ def ood_tables(results: pathlib.Path) -> str:
     return ood_markdown([_load(pathlib.Path(p)) for p in paths]) + "\n"
 
 
+def ood_headline(results: pathlib.Path) -> str:
+    """The README's small table: AUROC of each score for in- against out-of-distribution val
+    images, VI-SimSiam encoders of results/ood/*.json."""
+    lines = ["| encoder | out-of-distribution | " + " | ".join(
+        f"AUROC of {name}" for name in ood_report.SCORES) + " |",
+             "|---" * (2 + len(ood_report.SCORES)) + "|"]
+    for path in sorted(glob.glob(os.path.join(results, "ood", "*.json"))):
+        summary = _load(pathlib.Path(path))
+        if "ood" in summary and summary["method"] == "vi_simsiam":
+            detection = summary["ood"]["detection"]
+            lines.append(f"| {summary['method']}, {summary['dataset']} | "
+                         f"{summary['ood']['dataset']} | " + " | ".join(
+                             f"{detection[name]['auroc']:.3f}" for name in ood_report.SCORES)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
 # (document, block name, the block's contents from the results folder)
 BLOCKS: list[tuple[pathlib.Path, str, Callable[[pathlib.Path], str]]] = [
     (REPO / "README.md", demo_report.README_BLOCK,
      lambda results: demo_report.markdown(_load(results / "demo" / "report.json"))),
+    (REPO / "README.md", "table1_headline", lambda results: table1_report.headline(
+        table1_report.summarize(str(results / "table1")))),
+    (REPO / "README.md", "ood_headline", ood_headline),
     (RESULTS / "README.md", "demo_lr", demo_lr_table),
     (RESULTS / "README.md", "table1", lambda results: table1_report.markdown(
         table1_report.summarize(str(results / "table1")))),

@@ -1,15 +1,18 @@
-r"""Writes a PNG grid: for a few images, the centre crop then each multi-crop view.
+r"""Writes a PNG grid: for a few images, the centre crop then each multi-crop view of a config.
 
-  python -m experiments.show_augmentations --dataset=imagenette --out=runs/augmentations.png
+  python -m experiments.show_augmentations --config=experiments/configs/cpu_demo.py \
+      --out=runs/augmentations.png
 
-Views come from `augment.views`, the function the pretraining step runs, undone from the
-ImageNet normalisation; the first column is the eval centre crop of the same image.
+Views come from `augment.views` with the config's crops (`train_state.crops_config`), the
+function and views the pretraining step runs, undone from the ImageNet normalisation; the first
+column is the eval centre crop of the same image. The dataset is the config's.
 """
 
 from vi_simsiam_jax import launch
 
 launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
+import os
 import pathlib
 
 import matplotlib
@@ -20,19 +23,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from vi_simsiam_jax import augment, datasets  # noqa: E402
+from vi_simsiam_jax import augment, datasets, train_state  # noqa: E402
 from vi_simsiam_jax import input_pipeline as ip  # noqa: E402
 
-_DATASET = flags.DEFINE_string("dataset", "imagenette", "Dataset name or folder path.")
-_ARCHIVE = flags.DEFINE_string("archive", None, "Local fast.ai archive (.tgz) or folder.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: tfds's).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "cpu_demo.py"),
+    "Pretraining config: its dataset and crops.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "runs/augmentations.png", "PNG to write.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images (rows) to show.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the image choice and the views.")
-_GLOBAL_SIZE = flags.DEFINE_integer("global_size", 224, "Global crop size.")
-_N_LOCAL = flags.DEFINE_integer("n_local", 6, "Number of local crops.")
-_LOCAL_SIZE = flags.DEFINE_integer("local_size", 96, "Local crop size.")
 
 
 def _unnormalize(image: np.ndarray) -> np.ndarray:
@@ -41,10 +42,10 @@ def _unnormalize(image: np.ndarray) -> np.ndarray:
 
 def main(argv):
     del argv
-    builder = datasets.prepare(_DATASET.value, data_dir=_DATA_DIR.value, archive=_ARCHIVE.value)
+    config = _CONFIG.value
+    builder = datasets.prepare_from_config(config)
     examples = datasets.load_examples(builder, "train")
-    crops = augment.MultiCropConfig(global_size=_GLOBAL_SIZE.value, n_local=_N_LOCAL.value,
-                                    local_size=_LOCAL_SIZE.value)
+    crops = train_state.crops_config(config)
     indices = np.random.default_rng(_SEED.value).choice(len(examples), _NUM_IMAGES.value,
                                                         replace=False)
     source = ip.decode_images(examples.subset(indices))
@@ -52,7 +53,7 @@ def main(argv):
                           jax.random.key(_SEED.value), crops)
     labels = source.labels
     originals = [ip.center_crop(tf.io.decode_jpeg(examples.images[i], channels=3),
-                                _GLOBAL_SIZE.value).numpy() for i in indices]
+                                config.global_size).numpy() for i in indices]
     columns = [originals] + [_unnormalize(np.asarray(v)) for v in views]
     titles = (["centre crop"] + [f"global {i + 1}" for i in range(crops.n_global)]
               + [f"local {i + 1}" for i in range(crops.n_local)])

@@ -174,6 +174,21 @@ def verdict(dataset: str, difference: dict[str, dict[str, Any]]) -> str:
             f"{_interval(top1)} points (kNN top-1 {_interval(knn)}){paper}.")
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """The README's small table: top-1 of both methods and their paired difference."""
+    lines = ["| dataset | seeds | SimSiam top-1 | VI-SimSiam top-1 | VI-SimSiam − SimSiam "
+             "[95% CI] | the paper's difference |", "|---|---|---|---|---|---|"]
+    for dataset, difference in summary["differences"].items():
+        cells = summary["cells"][dataset]
+        paper = PAPER.get(dataset)
+        paper = f"{paper['vi_simsiam'][0] - paper['simsiam'][0]:+.2f}" if paper else ""
+        lines.append(f"| {dataset} | {difference['top1']['n']} | "
+                     f"{_mean_std(cells['simsiam']['top1'])} | "
+                     f"{_mean_std(cells['vi_simsiam']['top1'])} | "
+                     f"{_interval(difference['top1'])} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The table, the paired differences and the learning targets as markdown."""
     lines = ["| dataset | method | seeds | top-1 | top-5 | kNN top-1 | paper top-1 / top-5 |",

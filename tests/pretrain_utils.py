@@ -1,7 +1,9 @@
-"""Shared helpers for tests that run pretraining: commands, configs and checkpoint restores."""
+"""Shared helpers for tests that run pretraining: commands, configs and checkpoint restores;
+`run_module` runs any entry point as a subprocess."""
 
 import os
 import pathlib
+import subprocess
 import sys
 
 from tests import tiny_config
@@ -31,6 +33,18 @@ def command(data: tuple[str, str], workdir, *flags: str) -> list[str]:
     return [sys.executable, "-m", "experiments.pretrain",
             f"--config={REPO / 'tests' / 'tiny_config.py'}:{data[0]}",
             f"--config.data_dir={data[1]}", f"--workdir={workdir}", *flags]
+
+
+def run_module(module: str, *flags: str, check: bool = True,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python -m module *flags` in REPO with ENV, its output captured as text; with `check`,
+    asserts that it exited 0 (the message: the end of its stderr). kwargs go to subprocess.run
+    (timeout, or env and cwd instead of ENV and REPO)."""
+    kwargs = {"cwd": REPO, "env": ENV, "capture_output": True, "text": True, **kwargs}
+    completed = subprocess.run([sys.executable, "-m", module, *flags], **kwargs)
+    if check:
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 def restore(workdir, step: int | None = None):

@@ -2,10 +2,7 @@
 
 import io
 import json
-import pathlib
 import re
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tests import fake_archives
+from tests import fake_archives, pretrain_utils
 from vi_simsiam_jax import datasets
 
 WNIDS = sorted(datasets.IMAGENETTE_CLASSES)
@@ -154,10 +151,9 @@ def test_folder_without_train_and_unknown_name(tmp_path):
 
 def test_prepare_data_prints_one_json_line(nette):
     """The CLI, run as a user would (reusing the prepared data): one JSON line on stdout."""
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.prepare_data", "--dataset=imagenette",
-         f"--archive={nette['archive']}", f"--data_dir={nette['tmp'] / 'tfds'}"],
-        cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, check=True)
+    result = pretrain_utils.run_module(
+        "experiments.prepare_data", "--dataset=imagenette", f"--archive={nette['archive']}",
+        f"--data_dir={nette['tmp'] / 'tfds'}")
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     summary = json.loads(lines[0])

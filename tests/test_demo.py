@@ -1,5 +1,5 @@
 """experiments.demo (`make demo`) end to end on a tiny folder dataset: report.json with the probe,
-the random-init baseline, the kappa analysis and the figures."""
+the random-init baseline, the kNN monitor's curve, the kappa analysis and the figures."""
 
 import json
 import os
@@ -14,7 +14,8 @@ def test_demo_writes_the_report(pretrain_data, tmp_path):
     folder, data_dir = pretrain_data
     command = [sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path}",
                f"--config={pretrain_utils.REPO / 'tests' / 'tiny_config.py'}:{folder}",
-               f"--config.data_dir={data_dir}", "--probe_config.num_epochs=2",
+               f"--config.data_dir={data_dir}", "--config.eval_every_epochs=1",
+               "--probe_config.num_epochs=2",
                "--probe_config.lr_sweep=1.6", "--probe_config.knn_k=5"]
     completed = subprocess.run(command, cwd=pretrain_utils.REPO, env=pretrain_utils.ENV,
                                capture_output=True, text=True, timeout=900)
@@ -23,6 +24,7 @@ def test_demo_writes_the_report(pretrain_data, tmp_path):
     for key in ("probe", "baseline"):
         assert 0 <= report[key]["top1"] <= report[key]["top5"] <= 100, report[key]
     assert report["pretrain"]["step"] == 8  # tiny config: 2 epochs x 4 steps
+    assert list(report["knn_monitor"]) == ["4", "8"]
     assert report["kappa"]["kappa"]["min"] >= 1.0  # softplus + 1
     assert all(os.path.getsize(path) > 0 for path in report["figures"].values())
     assert "linear probe top-1/top-5" in completed.stdout

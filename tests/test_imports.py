@@ -1,6 +1,7 @@
 """The library's mathematics and training step import and run without tensorflow (an accelerator
-host may have only jax, flax and optax); evaluation does not import training."""
+host may have only jax, flax and optax); evaluation imports neither training nor plotting."""
 
+import ast
 import json
 import math
 import subprocess
@@ -43,9 +44,33 @@ def test_step_benchmark_runs_without_tensorflow(tmp_path):
         assert case["device_peak_mib"] is None  # XLA:CPU keeps no allocator statistics
 
 
-def test_evaluation_does_not_import_training():
-    code = ("import sys; import vi_simsiam_jax.evaluation.linear_probe, "
-            "vi_simsiam_jax.evaluation.kappa_report, vi_simsiam_jax.evaluation.ood_report; "
+_EVALUATION = sorted((pretrain_utils.REPO / "vi_simsiam_jax" / "evaluation").glob("*.py"))
+
+
+def _imported(path) -> set[str]:
+    """The top-level names of the modules a file imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_evaluation_imports_neither_training_nor_plotting():
+    """No module of vi_simsiam_jax/evaluation imports matplotlib, the loop or the step, directly
+    (read from its source) or through what it imports (the modules loaded with all of them)."""
+    assert len(_EVALUATION) >= 8
+    for path in _EVALUATION:
+        imported = _imported(path)
+        assert not {n for n in imported if n.split(".")[0] == "matplotlib"}, path.name
+        assert not {n for n in imported if n.startswith(("vi_simsiam_jax.loop",
+                                                         "vi_simsiam_jax.train."))
+                    or n in ("vi_simsiam_jax.loop", "vi_simsiam_jax.train")}, path.name
+    modules = ", ".join(f"vi_simsiam_jax.evaluation.{p.stem}" for p in _EVALUATION
+                        if p.stem != "__init__")
+    code = (f"import sys; import {modules}; "
             "print(sorted(m for m in sys.modules if m in ('vi_simsiam_jax.train', "
             "'vi_simsiam_jax.loop')))")
     completed = subprocess.run([sys.executable, "-c", code], cwd=pretrain_utils.REPO,

@@ -259,13 +259,6 @@ def test_ood_analysis_errors(saved, probed, tmp_path, monkeypatch):
         ood_report.analyze(frozen, in_memory, None, corruptions=("fog",))
 
 
-def test_kappa_analysis_needs_a_vi_simsiam_encoder(saved):
-    config = checkpoints.load_config(saved[0])
-    config.method = "simsiam"
-    with pytest.raises(ValueError, match="method='simsiam'.*nothing to analyse"):
-        kappa_report.check_vi_simsiam(config, saved[0])
-
-
 def test_export_torch_writes_the_checkpoint_as_safetensors(saved, tmp_path):
     workdir, variables = saved
     out = tmp_path / "export" / "encoder.safetensors"

@@ -5,17 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special
 
+from tests import reference
+from tests.reference import unit
 from vi_simsiam_jax import losses, models
 from vi_simsiam_jax import power_spherical as ps
 
 # Jitted: one small compile per shape instead of one per op (eager); validation runs at trace time.
 _vi_loss = jax.jit(losses.vi_simsiam_loss, static_argnames="reduction")
 _ss_loss = jax.jit(losses.simsiam_loss, static_argnames="reduction")
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
 def _views(num_views: int, batch: int, dim: int, seed: int = 0):
@@ -31,18 +29,13 @@ def _views(num_views: int, batch: int, dim: int, seed: int = 0):
     return mus, kappas, zs
 
 
-def _ps_log_prob_np(x: np.ndarray, mu: np.ndarray, kappa: np.ndarray) -> np.ndarray:
-    """Independent float64 PS log density (De Cao & Aziz 2020, Eq. 11 of the paper)."""
-    d = x.shape[-1]
-    b = (d - 1) / 2.0
-    a = b + kappa
-    log_c = -((a + b) * np.log(2.0) + b * np.log(np.pi) + special.gammaln(a)
-              - special.gammaln(a + b))
-    return log_c + kappa * np.log1p(np.sum(_unit(x) * _unit(mu), axis=-1))
+def _ps_log_prob(x: np.ndarray, mu: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """The float64 reference PS log density of x's direction under mu's direction."""
+    return reference.power_spherical_log_prob(unit(x), unit(mu), kappa)
 
 
 def _cos(a, b) -> np.ndarray:
-    return np.sum(_unit(np.asarray(a, np.float64)) * _unit(np.asarray(b, np.float64)), axis=-1)
+    return np.sum(unit(np.asarray(a, np.float64)) * unit(np.asarray(b, np.float64)), axis=-1)
 
 
 def test_two_view_losses_match_references():
@@ -54,7 +47,7 @@ def test_two_view_losses_match_references():
     loss, _ = _vi_loss(mus, kappas, zs)
     # Alg. 1: L = -p1.log_prob(z2) - p2.log_prob(z1); L.mean(). "mean" over pairs halves it.
     m, k, z = (np.asarray(a, np.float64) for a in (mus, kappas, zs))
-    alg1 = -_ps_log_prob_np(z[1], m[0], k[0]) - _ps_log_prob_np(z[0], m[1], k[1])
+    alg1 = -_ps_log_prob(z[1], m[0], k[0]) - _ps_log_prob(z[0], m[1], k[1])
     np.testing.assert_allclose(loss, alg1.mean(), rtol=1e-5)
     np.testing.assert_allclose(_vi_loss(mus, kappas, zs, reduction="mean")[0], alg1.mean() / 2,
                                rtol=1e-5)
@@ -66,7 +59,7 @@ def test_multi_view_loss_reductions_over_pairs():
     mus, kappas, zs = _views(5, batch=3, dim=8, seed=1)
     targets = zs[:2]
     m, k, z = (np.asarray(a, np.float64) for a in (mus, kappas, targets))
-    vi_terms = [-_ps_log_prob_np(z[j], m[i], k[i]).mean()
+    vi_terms = [-_ps_log_prob(z[j], m[i], k[i]).mean()
                 for j in range(2) for i in range(5) if i != j]
     ss_terms = [-_cos(m[i], z[j]).mean() for j in range(2) for i in range(5) if i != j]
     assert len(vi_terms) == 2 * (5 - 1)
@@ -139,9 +132,7 @@ def test_constant_kappa_reduces_to_cosine_objective(kappa):
         losses_and_sums.append((float(loss), mean_log1p))
     const = [loss + kappa * s for loss, s in losses_and_sums]
     np.testing.assert_allclose(const, const[0], rtol=1e-5, atol=1e-4 * kappa)
-    b = (dim - 1) / 2.0
-    neg_log_c = ((kappa + 2 * b) * np.log(2.0) + b * np.log(np.pi) + special.gammaln(kappa + b)
-                 - special.gammaln(kappa + 2 * b))
+    neg_log_c = -reference.power_spherical_log_normalizer(kappa, dim)
     np.testing.assert_allclose(const[0], neg_log_c, rtol=1e-5)
     # The gradient w.r.t. the predictions is that of -kappa * mean log(1 + cos) (C is mu-free).
     mus, _, zs = _views(3, batch=4, dim=dim, seed=20)
@@ -164,9 +155,9 @@ def test_mismatched_pair_gets_gradient_lowering_its_kappa():
     PS expectation of log(1 + t) minus log(1 + cos), larger (and positive) for the mismatch."""
     dim = 16
     rng = np.random.default_rng(4)
-    base = _unit(rng.normal(size=(2, dim)))
-    far = _unit(-base[1] + 0.3 * rng.normal(size=dim))  # cos ~ -0.9
-    z1 = jnp.asarray(np.stack([_unit(base[0] + 0.05 * rng.normal(size=dim)), far]), jnp.float32)
+    base = unit(rng.normal(size=(2, dim)))
+    far = unit(-base[1] + 0.3 * rng.normal(size=dim))  # cos ~ -0.9
+    z1 = jnp.asarray(np.stack([unit(base[0] + 0.05 * rng.normal(size=dim)), far]), jnp.float32)
     mus = [jnp.asarray(base, jnp.float32)] * 2
     zs = [jnp.asarray(base, jnp.float32), z1]
     raw = jnp.zeros((2, 2))  # kappa = softplus(0) + 1 for every view and example

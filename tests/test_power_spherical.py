@@ -9,6 +9,7 @@ import pytest
 import tensorflow_probability.substrates.numpy as tfp
 from scipy import stats
 
+from tests.reference import unit
 from vi_simsiam_jax import power_spherical as ps
 
 tfd = tfp.distributions
@@ -17,19 +18,15 @@ DIMS = (2, 3, 64, 2048, 4096)
 KAPPAS = (0.0, 1e-3, 1.0, 100.0, 1e4, 1e6)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
 def _points(dim: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A random mu and x near mu, at random, and near -mu (float64)."""
     rng = np.random.default_rng(seed)
-    mu = _unit(rng.normal(size=dim))
+    mu = unit(rng.normal(size=dim))
     noise = rng.normal(size=dim)
     return mu, {
-        "near_mu": _unit(mu + 1e-3 * noise),
-        "random": _unit(noise),
-        "near_minus_mu": _unit(-mu + 1e-3 * noise),
+        "near_mu": unit(mu + 1e-3 * noise),
+        "random": unit(noise),
+        "near_minus_mu": unit(-mu + 1e-3 * noise),
     }
 
 
@@ -63,7 +60,7 @@ def test_density_integrates_to_one_on_s2(kappa):
     x = np.stack(np.broadcast_arrays(sin_theta[:, None] * np.cos(phi),
                                      sin_theta[:, None] * np.sin(phi),
                                      cos_theta[:, None]), axis=-1)
-    mu = _unit(np.array([0.3, -0.5, 0.2]))
+    mu = unit(np.array([0.3, -0.5, 0.2]))
     with jax.enable_x64(True):
         density = np.exp(ps.log_prob(x, mu, kappa))
     integral = np.sum(weights[:, None] * density) * (2 * np.pi / phi.size)
@@ -73,7 +70,7 @@ def test_density_integrates_to_one_on_s2(kappa):
 @pytest.mark.parametrize("dim,kappa", [(3, 1.0), (64, 100.0), (2048, 1e4)])
 def test_samples_unit_norm_mean_and_beta_marginal(dim, kappa):
     n = 20_000
-    mu = jnp.asarray(_unit(np.random.default_rng(dim).normal(size=dim)), jnp.float32)
+    mu = jnp.asarray(unit(np.random.default_rng(dim).normal(size=dim)), jnp.float32)
     x = ps.sample(jax.random.key(0), mu, jnp.float32(kappa), (n,))
     assert x.shape == (n, dim) and x.dtype == jnp.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, atol=1e-6)
@@ -113,17 +110,14 @@ def test_reparameterized_gradient_matches_finite_difference(test_fn):
     c = rng.normal(size=dim)
     tangent = rng.normal(size=dim)
 
-    def unit(v):
-        return v / jnp.linalg.norm(v)
-
     def exact(mu_raw, kappa):
-        mu = unit(mu_raw)
+        mu = unit(mu_raw, jnp)
         if test_fn == "linear":
             return c @ ps.mean(mu, kappa)
         return _second_moment_quadratic(mu, kappa, c)
 
     def monte_carlo(mu_raw, kappa):
-        x = ps.sample(jax.random.key(7), unit(mu_raw), kappa, (n,))
+        x = ps.sample(jax.random.key(7), unit(mu_raw, jnp), kappa, (n,))
         return jnp.mean(x @ c if test_fn == "linear" else (x @ c) ** 2)
 
     with jax.enable_x64(True):
@@ -147,7 +141,7 @@ EXTREME_KAPPAS = (0.0, 1e-6, 1.0, 1e6)
 @pytest.mark.parametrize("dim", EXTREME_DIMS)
 def test_float32_extremes_are_finite(dim):
     e1 = jnp.zeros(dim, jnp.float32).at[0].set(1.0)
-    rand = jnp.asarray(_unit(np.random.default_rng(0).normal(size=dim)), jnp.float32)
+    rand = jnp.asarray(unit(np.random.default_rng(0).normal(size=dim)), jnp.float32)
     cases = {"mu=e1": e1, "mu=-e1": -e1, "mu random": rand}
 
     def log_prob_sum(x, mu, kappa):
@@ -175,7 +169,7 @@ def test_sample_at_e1_is_concentrated_at_e1():
     mu = jnp.zeros(16).at[0].set(1.0)
     x = ps.sample(jax.random.key(2), mu, jnp.float32(1e4), (100,))
     assert np.all(x[:, 0] > 0.99)
-    near = jnp.asarray(_unit(np.eye(16)[0] + 1e-5 * np.random.default_rng(0).normal(size=16)),
+    near = jnp.asarray(unit(np.eye(16)[0] + 1e-5 * np.random.default_rng(0).normal(size=16)),
                        jnp.float32)
     x_near = ps.sample(jax.random.key(2), near, jnp.float32(1e6), (100,))
     assert np.all(x_near @ near > 0.999)
@@ -190,7 +184,7 @@ def test_float32_log_prob_accuracy(dim, where):
         ours = float(ps.log_prob(x32, mu32, jnp.float32(kappa)))
         # Exact value for the same float32 inputs, via tfp in float64.
         mu, x = np.asarray(mu32, np.float64), np.asarray(x32, np.float64)
-        mu, x = _unit(mu), _unit(x)
+        mu, x = unit(mu), unit(x)
         exact = tfd.PowerSpherical(mu, np.float64(kappa)).log_prob(x)
         scale = abs(tfd.PowerSpherical(mu, np.float64(kappa))._log_normalization())
         scale += kappa * abs(np.log1p(mu @ x))
@@ -209,9 +203,9 @@ def test_near_antipode_uses_stable_one_plus_cosine():
 
 
 def test_shapes_broadcast_like_numpy():
-    mu = _unit(np.random.default_rng(0).normal(size=(4, 8))).astype(np.float32)
+    mu = unit(np.random.default_rng(0).normal(size=(4, 8))).astype(np.float32)
     kappa = np.arange(4.0, dtype=np.float32)
-    x = _unit(np.random.default_rng(1).normal(size=(3, 1, 8))).astype(np.float32)
+    x = unit(np.random.default_rng(1).normal(size=(3, 1, 8))).astype(np.float32)
     assert ps.log_prob(x, mu, kappa).shape == (3, 4)
     assert ps.log_prob(x[:, 0], mu[0], kappa[0]).shape == (3,)
     assert ps.log_prob(x[:, None, 0], mu, 2.0).shape == (3, 4)  # scalar kappa
@@ -240,7 +234,7 @@ def test_event_shape_mismatch_raises():
 
 
 def test_dataclass_is_a_pytree_that_calls_the_functions():
-    mu = jnp.asarray(_unit(np.random.default_rng(0).normal(size=(2, 5))), jnp.float32)
+    mu = jnp.asarray(unit(np.random.default_rng(0).normal(size=(2, 5))), jnp.float32)
     kappa = jnp.asarray([1.0, 7.0])
     dist = ps.PowerSpherical(mu, kappa)
     x = jax.jit(lambda d: d.sample(jax.random.key(0), (3,)))(dist)

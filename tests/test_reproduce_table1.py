@@ -4,8 +4,6 @@ report and README block; a rerun reuses every record, even with the workdirs gon
 
 import json
 import shutil
-import subprocess
-import sys
 
 from experiments import readme_blocks, table1_report
 from tests import pretrain_utils
@@ -13,18 +11,14 @@ from tests import pretrain_utils
 
 def _run(pretrain_data, workdir, results, readme, seeds="0,1"):
     folder, data_dir = pretrain_data
-    command = [sys.executable, "-m", "experiments.reproduce_table1", f"--workdir={workdir}",
-               f"--results={results}", f"--readme={readme}",
-               f"--config={pretrain_utils.REPO / 'tests' / 'tiny_config.py'}:{folder}",
-               f"--config.data_dir={data_dir}", f"--datasets={folder}",
-               f"--select_dataset={folder}", f"--seeds={seeds}", "--simsiam_learning_rates=0.01",
-               "--vi_simsiam_learning_rates=0.01,0.02", "--num_epochs=2,1",
-               "--probe_config.num_epochs=2", "--probe_config.lr_sweep=1.6",
-               "--probe_config.knn_k=5"]
-    completed = subprocess.run(command, cwd=pretrain_utils.REPO, env=pretrain_utils.ENV,
-                               capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed.stdout
+    config = pretrain_utils.REPO / "tests" / "tiny_config.py"
+    return pretrain_utils.run_module(
+        "experiments.reproduce_table1", f"--workdir={workdir}", f"--results={results}",
+        f"--readme={readme}", f"--config={config}:{folder}", f"--config.data_dir={data_dir}",
+        f"--datasets={folder}", f"--select_dataset={folder}", f"--seeds={seeds}",
+        "--simsiam_learning_rates=0.01", "--vi_simsiam_learning_rates=0.01,0.02",
+        "--num_epochs=2,1", "--probe_config.num_epochs=2", "--probe_config.lr_sweep=1.6",
+        "--probe_config.knn_k=5", timeout=900).stdout
 
 
 def test_selection_seeds_report_and_resume(pretrain_data, tmp_path):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from experiments.configs import paper
-from tests import float64
+from tests import float64, reference
 from tests.torchvision_import import import_torchvision
 from vi_simsiam_jax import datasets, models, train, train_state
 from vi_simsiam_jax.torch_export import torch_state_dict
@@ -93,16 +93,6 @@ def _prefix(module: str) -> str:
     return f"{module}." if module in ("projector", "predictor") else ""
 
 
-def _power_spherical_nll(mu, kappa, x):
-    """-log PS(x; mu, kappa) (De Cao & Aziz 2020), written with torch.lgamma."""
-    d = mu.shape[-1]
-    beta = (d - 1) / 2
-    alpha = beta + kappa
-    log_norm = -((alpha + beta) * math.log(2) + beta * math.log(math.pi)
-                 + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
-    return -(log_norm + kappa * torch.log1p((mu * x).sum(-1)))
-
-
 def _torch_loss(model, target_model, views, config):
     """One forward pass per view; the loss over the ordered pairs (i, j != i) with a global
     target j: SimSiam's mean of D over the pairs, VI-SimSiam's Alg. 1 / Eq. 12 sum of NLLs.
@@ -127,7 +117,9 @@ def _torch_loss(model, target_model, views, config):
                 terms.append(-(mu * target).sum(-1).mean())
             else:
                 kappa = F.softplus(p[:, dim]) + 1.0
-                terms.append(_power_spherical_nll(mu, kappa, target).mean())
+                log_prob = reference.power_spherical_log_prob(target, mu, kappa, torch.lgamma,
+                                                              torch.log1p)
+                terms.append(-log_prob.mean())
     total = sum(terms)
     return total / len(terms) if config.method == "simsiam" else total
 

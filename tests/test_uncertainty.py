@@ -1,5 +1,5 @@
 """kappa analysis: AUROC (closed cases and scipy's Mann-Whitney U), risk-coverage, the Fig. 3
-loss surface against its closed form in d = 3, and the SimSiam / missing-workdir errors."""
+loss surface against its closed form in d = 3, and the SimSiam error."""
 
 import math
 
@@ -9,7 +9,6 @@ from scipy import stats
 
 from vi_simsiam_jax.evaluation import kappa_report
 from tests import tiny_config
-from vi_simsiam_jax import checkpoints
 from vi_simsiam_jax.evaluation import uncertainty
 
 
@@ -81,14 +80,8 @@ def test_kappa_stats():
     assert summary["p50"] == pytest.approx(np.median(kappa))
 
 
-def test_simsiam_workdir_has_no_kappa(tmp_path):
-    config = tiny_config.get_config(str(tmp_path / "images"))
+def test_simsiam_workdir_has_no_kappa():
+    config = tiny_config.get_config()
     config.method = "simsiam"
-    checkpoints.save_config(str(tmp_path), config)
     with pytest.raises(ValueError, match="kappa exists only for method='vi_simsiam'"):
-        kappa_report.analyze(str(tmp_path))
-
-
-def test_missing_workdir_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a pretraining workdir"):
-        kappa_report.analyze(str(tmp_path / "nowhere"))
+        kappa_report.check_vi_simsiam(config, "runs/x")

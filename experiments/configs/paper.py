@@ -61,7 +61,8 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.conv = "auto"
     # bfloat16 convolutions and dense layers (mixed precision, as flax's examples/imagenet);
     # parameters, optimiser state, BatchNorm statistics and the losses stay float32. Off: the
-    # paper's float32, and on a CPU bfloat16 is not faster (benchmarks/README.md).
+    # paper's float32; bfloat16 is for accelerators' matrix units (its speed on a CPU:
+    # benchmarks/README.md, "Half precision").
     config.half_precision = False
 
     # Optimisation.
@@ -77,4 +78,7 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    # kNN monitor every N epochs: top-1 on the local split of train (no val image), written to
+    # metrics.jsonl and TensorBoard; 0: off.
+    config.eval_every_epochs = 0
     return config

@@ -7,9 +7,9 @@ gives 18 steps per epoch (SimSiam's ImageNet probe has 312), and LARS at 1.6 is 
 converged after 90 epochs. An empty lr_sweep uses learning_rate as is.
 
 The default mode "cached" extracts the frozen features once (centre crops) and trains the head on
-them: minutes on a 2-core CPU. SimSiam's augmented recipe is `--config.mode=online` (the encoder
-runs on fresh random-resized-crop + flip images every step), or, cheaper, `--config.train_views=K`
-(K augmented copies of the training set, cached).
+them, so the encoder runs once per image, not once per epoch. SimSiam's augmented recipe is
+`--config.mode=online` (the encoder runs on fresh random-resized-crop + flip images every step),
+or, cheaper, `--config.train_views=K` (K augmented copies of the training set, cached).
 """
 
 import ml_collections

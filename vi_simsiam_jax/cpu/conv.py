@@ -6,30 +6,33 @@ shapes, initialisers and auto-names are nn.Conv's: checkpoints do not depend on 
     conv = CpuConv                 # an nn.Conv whose convolutions run the plans below
     conv(64, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), use_bias=False)
 
-What XLA:CPU (jaxlib 0.10.2) does slowly, measured in the ResNet-18 training step (batch 128,
-2-core AMD EPYC), with the XLA flags of `cpu.process` (convolutions in XLA's multi-threaded Eigen
-convolution, not single-threaded YNNPACK):
+What XLA:CPU (jaxlib 0.10.2) does slowly in the ResNet-18 training step, with the XLA flags of
+`cpu.process` (convolutions in XLA's multi-threaded Eigen convolution, not single-threaded
+YNNPACK), and the plan that replaces it (the timings behind each choice: benchmarks/README.md,
+"How the CPU backend gets its speed"):
 * A 3x3 convolution whose input is smaller than its window (the 2x2 maps of the last stage at
-  64 px): the algebraic simplifier swaps its operands into a convolution that runs at ~1 GFLOP/s
-  (1 s per piece) -> every piece "dense": one matmul with the (H W Cin, Ho Wo Cout) matrix of
-  the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero padding).
-* Strided input gradients, which XLA runs as an lhs-dilated convolution (40x slower at 4x4 ->
-  2x2) -> "phases": split into stride^2 phases of the input, each a small stride-1 native
-  convolution of the output gradient; "im2col" where the output has <= 16 pixels.
+  64 px): the algebraic simplifier swaps its operands into a convolution that runs far below
+  the machine's matmul speed -> every piece "dense": one matmul with the (H W Cin, Ho Wo Cout)
+  matrix of the convolution, 44% of im2col's FLOPs on a 2x2 map (im2col multiplies the zero
+  padding).
+* Strided input gradients, which XLA runs as a slow lhs-dilated convolution -> "phases": split
+  into stride^2 phases of the input, each a small stride-1 native convolution of the output
+  gradient; "im2col" where the output has <= 16 pixels.
 * 3x3 stride-1 layers (most of ResNet-18's arithmetic) on even sides -> "winograd" for the
   forward and the input gradient (Winograd F(2x2, 3x3): 16 matmuls over 2x2 output tiles, 44%
   of the direct method's multiplications), and for the weight gradient from 128 input channels
   on (below that its transforms cost more than they save). On inputs of 16 MB and more, one
   chunk of ~2 MB of images at a time (a `lax.fori_loop`): the 16 transformed copies of the
   input otherwise go through memory instead of cache.
-* Other weight gradients: XLA's are as fast as the alternatives alone but were slower in the
-  step in one-off A/B runs -> "chunked": a `lax.fori_loop` over chunks of ~2k output pixels, an
-  im2col that stays in cache and one matmul (YNNPACK); 1x1 shortcuts: "im2col" (a strided
-  slice and one matmul); the 7x7 stem: "native" (XLA's).
+* Other weight gradients -> "chunked": a `lax.fori_loop` over chunks of ~2k output pixels, an
+  im2col that stays in cache and one matmul (YNNPACK); XLA's weight gradients match it layer by
+  layer but make the whole step slower. 1x1 shortcuts: "im2col" (a strided slice and one
+  matmul); the 7x7 stem: "native" (XLA's: its im2col rows would be mostly copying).
 * Stride-1 layers on small maps that Winograd does not take (odd sides: 3x3 maps at 96 px, 5x5
   at 160 px) -> "taps": one matmul per kernel tap over the pixels it reaches, so no products
   with the zero padding (XLA's convolution multiplies it: 81 (tap, pixel) pairs per 3x3 map
-  instead of 49). Up to TAPS_MAX_PIXELS pixels; on 7x7 maps it no longer paid off alone.
+  instead of 49). Up to TAPS_MAX_PIXELS pixels: the larger the map, the smaller the share of
+  padding products it skips.
 Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imagenet`.
 Everything else (the stems, strided forwards, larger odd sides) is XLA's native convolution.
 
@@ -63,7 +66,8 @@ WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 128
 # auto policy: "taps" for the other stride-1 layers on maps of at most this many pixels.
 TAPS_MAX_PIXELS = 25
 # Winograd on inputs of at least WINOGRAD_MIN_CHUNKS chunks of ~WINOGRAD_CHUNK_BYTES: chunk by
-# chunk (at batch 128, the 32x32x64 and 16x16x128 maps of ResNet-18; fewer chunks did not gain).
+# chunk (at batch 128, the 32x32x64 and 16x16x128 maps of ResNet-18; smaller inputs are not
+# chunked: benchmarks/README.md, "Tried without a gain").
 WINOGRAD_CHUNK_BYTES = 2 * 2**20
 WINOGRAD_MIN_CHUNKS = 8
 # "chunked" weight gradients: output pixels per chunk (rounded to whole images).
@@ -361,7 +365,7 @@ def _input_grad_phases(g: Array, kernel: Array, in_shape: Sequence[int], strides
                        precision) -> Array:
     """d(conv)/d(input) of a strided convolution, split into stride_h * stride_w phases of the
     input, each a stride-1 native convolution of g with the kernel taps that reach that phase,
-    interleaved back. (XLA runs it as one lhs-dilated convolution, up to 40x slower.)"""
+    interleaved back. (XLA runs it as one lhs-dilated convolution, which XLA:CPU runs slowly.)"""
     kh, kw, cin, cout = kernel.shape
     b, h, w, _ = in_shape
     (sh, sw), ((ph, _), (pw, _)) = strides, padding
@@ -483,8 +487,8 @@ conv_planned.defvjp(_planned_fwd, _planned_bwd)
 
 def choose(in_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
            padding: Padding, policy: str = "auto") -> Plan:
-    """The plan for one NHWC/HWIO convolution. "native" / "im2col": every piece so; "auto": what
-    measured fastest on ResNet-18's layers (module docstring)."""
+    """The plan for one NHWC/HWIO convolution. "native" / "im2col": every piece so; "auto": the
+    formulation for the layer's shape that the module docstring gives."""
     if policy in ("native", "im2col"):
         return Plan(policy, policy, policy)
     h, w = in_shape[1:3]

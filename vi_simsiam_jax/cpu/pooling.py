@@ -1,7 +1,8 @@
 """Max pooling for XLA:CPU with a cheap gradient: a drop-in for nn.max_pool.
 
 nn.max_pool's gradient (reduce_window max) compiles on XLA:CPU to a variadic reduce-window that
-carries four int32 index arrays of the padded input, and a scatter: 1.2 s of a 128 px step.
+carries four int32 index arrays of the padded input, and a scatter (its cost in the step:
+benchmarks/README.md, "Max pooling").
 Here the forward takes the max over the window's strided slices and keeps the (int8) index of
 the first maximal tap in row-major order (the tap that select-and-scatter and torch route the
 gradient to); the backward adds, per tap, the gradients of the outputs whose maximum it was, as

@@ -2,33 +2,31 @@
 every entry point, before JAX starts its backend (XLA_FLAGS are read once, at backend start-up,
 and XLA's worker threads pick their malloc arena when they are created).
 
-1. Memory. Every step, XLA:CPU mallocs one block for all of the step's intermediates (0.94 GB
-   for the ResNet-18 step at 96 px, batch 2 x 64) and frees it when the step is done. glibc
-   serves such blocks with a fresh mmap() and unmaps them on free(), so each step faults its
-   pages in again: ~0.3 s of a 2 s step on the 2-core machine. Linux/glibc only; skipped when
-   VI_SIMSIAM_MALLOC=0.
+1. Memory. Every step, XLA:CPU mallocs one block for all of the step's intermediates and frees
+   it when the step is done. glibc serves such blocks with a fresh mmap() and unmaps them on
+   free(), so each step faults its pages in again (the block's size and the cost:
+   benchmarks/README.md, "Memory"). Linux/glibc only; skipped when VI_SIMSIAM_MALLOC=0.
    a. Freed blocks are kept: one malloc arena (glibc's per-thread arenas mmap any block over
       64 MiB whatever the settings; XLA allocates from its own threads), no mmap and no trimming
       (mallopt() in this process; child processes are unaffected), so freed blocks are reused:
       no page faults after the first few steps. The cost: the process keeps its peak heap
       (about two step buffers more, because a step's block is sometimes freed only after the
-      next step has allocated its own: RSS 3.7 -> 5.5 GB at 96 px, then flat over 30 steps).
-      In a VM whose balloon device takes free pages back (free page reporting), memory given
-      back to the kernel between steps may also cost the hypervisor's page faults on reuse.
+      next step has allocated its own), and then stays flat. In a VM whose balloon device takes
+      free pages back (free page reporting), memory given back to the kernel between steps may
+      also cost the hypervisor's page faults on reuse.
    b. Transparent huge pages. Where the kernel gives them only to memory that asks for them
-      (/sys/kernel/mm/transparent_hugepage/enabled is "madvise", as on our machines), the
-      process restarts itself once (same interpreter, same command line) with glibc's tunable
-      glibc.malloc.hugetlb=1, so malloc asks for 2 MiB pages: a step's block is then ~500 pages
-      instead of ~250k, and the TLB misses far less. Only a program started from a file
+      (/sys/kernel/mm/transparent_hugepage/enabled is "madvise"), the process restarts itself
+      once (same interpreter, same command line) with glibc's tunable glibc.malloc.hugetlb=1,
+      so malloc asks for 2 MiB pages: a step's block then takes 512x fewer pages than with
+      4 KiB ones, and the TLB misses far less. Only a program started from a file
       (`python -m ...`, `python script.py`) restarts; its children see the environment the
       user gave. Not needed where the setting is "always"; not done when GLIBC_TUNABLES already
       sets glibc.malloc.hugetlb.
 2. XLA flags: CPU_XLA_FLAGS, appended to XLA_FLAGS unless the user set those flags already.
    `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` takes convolutions away from
-   YNNPACK, which jaxlib 0.10.2 runs on one thread (a 3x3, 64-channel layer on 32x32 maps, batch
-   128: 141 ms forward on two cores, 147 ms on one), and leaves them to XLA's multi-threaded
-   Eigen convolution (90 ms); YNNPACK keeps the dots. The VI-SimSiam step on the 2-core machine:
-   3.51 -> 3.07 s at 32 px (cifar stem), 0.97 -> 0.89 s at 64 px (benchmarks/README.md).
+   YNNPACK, which jaxlib 0.10.2 runs on one thread, and leaves them to XLA's multi-threaded
+   Eigen convolution; YNNPACK keeps the dots (per-layer and step timings: benchmarks/README.md,
+   "XLA flag").
 
 The launcher applies them only when JAX will run on the CPU (`cpu_backend_expected`); nothing
 is done with VI_SIMSIAM_CPU_SETUP=0.
