@@ -39,7 +39,7 @@ PyTorch peer, whose script has one crop size) fed uint8 160 px source images, th
 inside it, as `step_s`; beside it, in alternation, the same step on ready views as
 `views_step_s`, and `augmentation_ratio`, the median over the pairs of a step and the view
 step timed next to it of their ratio (with --steps=1, adjacent steps). Then, with
---loop_epochs, runs `loop.train_and_evaluate` on the config's dataset for that many epochs in a
+--loop_epochs, runs `loop.pretrain` on the config's dataset for that many epochs in a
 temporary workdir (input pipeline, metrics, checkpoints: everything `experiments.pretrain`
 does). `loop_step_s` is the loop's time per step after its first log interval (which holds the
 compilation), from its metrics.jsonl; `loop_fraction_of_step` = step_s / loop_step_s.
@@ -173,13 +173,13 @@ def op_time_by_kind(step: JaxStep, steps: int, top: int = 12) -> dict[str, float
 
 
 def loop_step_s(config, epochs: int) -> dict[str, float]:
-    """Seconds per step of `loop.train_and_evaluate` on config for `epochs` epochs, after its
+    """Seconds per step of `loop.pretrain` on config for `epochs` epochs, after its
     first log interval, and the whole run's wall time."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.num_epochs = epochs
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        loop.train_and_evaluate(config, workdir)
+        loop.pretrain(config, workdir)
         wall_s = time.perf_counter() - start
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
