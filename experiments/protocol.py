@@ -7,8 +7,11 @@ scores, per-step training curves, the config and the git commit.
 """
 
 import json
+import math
 import os
+import pathlib
 import subprocess
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -16,6 +19,7 @@ import ml_collections
 from experiments import reporting
 from vi_simsiam_jax import loop
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SCORES = ("top1", "top5", "knn_top1", "learning_rate", "lr_sweep_local_val_top1")
 # The training-curve fields kept from metrics.jsonl (kappa only for the VI methods).
 CURVE_FIELDS = ("step", "epoch", "loss", "cosine", "kappa_mean", "kappa_std", "z_std",
@@ -52,10 +56,49 @@ def probe_scores(workdir: str, probe_config: ml_collections.ConfigDict,
 
 
 def training_curves(workdir: str) -> list[dict[str, float]]:
-    """The logged training metrics of a workdir (every log_every_steps), CURVE_FIELDS only."""
+    """The logged training metrics of a workdir (every log_every_steps), CURVE_FIELDS only, one
+    row per step in step order: a step logged again after a resume keeps its last row."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: row[k] for k in CURVE_FIELDS if k in row} for row in rows]
+        rows = {row["step"]: row for row in map(json.loads, f) if "loss" in row}
+    return [{k: row[k] for k in CURVE_FIELDS if k in row} for _, row in sorted(rows.items())]
+
+
+def relative_to_repo(path: str) -> str:
+    """path relative to the repository when it lies inside it (records name no machine's
+    absolute paths), else as given."""
+    absolute = pathlib.Path(path).resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else path
+
+
+def resolve(path: str) -> str:
+    """A recorded path: relative ones lie in the repository."""
+    return path if os.path.isabs(path) else str(REPO / path)
+
+
+def choose_learning_rate(grid: Sequence[float], score: Callable[[float], float],
+                         factor: float = 2.0, max_extensions: int = 3) -> float:
+    """The learning rate of best score, the grid extended while its edge scores best.
+
+    Every rate of `grid` is scored; while the best is the lowest (highest) rate scored, the
+    next rate below (above), a `factor` away, is scored too, at most `max_extensions` times
+    on each side. A failed run scores -inf (`score` returns it). Ties go to the lower rate.
+    """
+    rates = sorted(grid)
+    scores = {rate: score(rate) for rate in rates}
+    extended = {"low": 0, "high": 0}
+    while True:
+        best = max(rates, key=lambda rate: (scores[rate], -rate))
+        if best == rates[0] and extended["low"] < max_extensions:
+            side, rate = "low", rates[0] / factor
+        elif best == rates[-1] and extended["high"] < max_extensions:
+            side, rate = "high", rates[-1] * factor
+        else:
+            return best
+        if not math.isfinite(scores[best]):
+            return best  # nothing trained: extending would not tell the rates apart
+        extended[side] += 1
+        scores[rate] = score(rate)
+        rates = sorted(scores)
 
 
 def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
@@ -63,7 +106,8 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
     """Pretrains config in workdir (resuming) and probes it; a record of the run."""
     loop.pretrain(config, workdir)
     curves = training_curves(workdir)
-    return {"workdir": workdir, "seed": config.seed, "learning_rate": config.learning_rate,
+    return {"workdir": relative_to_repo(workdir), "seed": config.seed,
+            "learning_rate": config.learning_rate,
             "num_epochs": config.num_epochs,
             "probe": {"eval_split": probe_config.eval_split, **probe_scores(workdir, probe_config)},
             "curves": curves,
@@ -72,8 +116,5 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
-    """Writes record to path atomically (a crash leaves the previous file, never half a one)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Writes a record atomically (`reporting.write_json`), one space of indent."""
+    reporting.write_json(path, record, indent=1)

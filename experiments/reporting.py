@@ -21,12 +21,13 @@ from vi_simsiam_jax.evaluation import encoder, kappa_report, linear_probe, ood_r
 PREDICTIONS_SUFFIX = "_predictions.npz"
 
 
-def write_json(path: str, data: Any) -> None:
-    """Writes data as indented JSON, atomically (a temporary file renamed over path)."""
+def write_json(path: str, data: Any, indent: int = 2) -> None:
+    """Writes data as indented JSON, atomically (a crash leaves the previous file, never half a
+    one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=indent)
     os.replace(tmp, path)
 
 

@@ -1,24 +1,30 @@
 """Table 1 of the paper at CPU scale: SimSiam vs VI-SimSiam on ImageNette and ImageWoof, with
-hyper-parameters chosen on the local split of train and several seeds.
+hyper-parameters chosen on each dataset's local split of train and six seeds.
 
     python -m experiments.reproduce_table1 --workdir=runs/table1 --results=results/table1 \
         --readme=results/README.md
 
-1. Selection, per method, on --select_dataset with the first seed: the config
-   (experiments/configs/table1.py) is pretrained at every learning rate of the method's grid for
-   the first --num_epochs value, then at the best learning rate for the other --num_epochs
-   values. Each candidate is scored by the linear probe on the local split (head fit on 80% of
-   train, scored on the other 20%; no val image is encoded); the best top-1 wins.
-2. Table: every dataset x seed x method pretrains with the method's choice and is probed on val,
-   once (the probe seeded like the pretraining); the random-init encoder of each seed too. The
-   run at the chosen candidate on the selection dataset is that candidate's pretraining.
-3. Report (experiments.table1_report): mean +- std per cell, the paired difference VI-SimSiam -
-   SimSiam with its 95% t interval, the gains over random init against the learning targets.
+The protocol, fixed in code before the runs it governs (the defaults below; flags change it
+only for tests and other budgets):
+1. Selection, per dataset and method, on that dataset's local split with seed 0: the config
+   (experiments/configs/table1.py) is pretrained for --selection_epochs (6) at every rate of the
+   method's grid (SimSiam 0.2, 0.4, 0.8; VI-SimSiam 0.0005, 0.001, 0.002), the grid extended a
+   factor 2 at a time while its edge scores best, at most 3 times a side
+   (`protocol.choose_learning_rate`). The score is the linear probe's top-1 on the local split
+   (head fit on 80% of train, scored on the other 20%; no val image is encoded); a run that
+   diverges scores -inf. Every candidate's collapse monitor (z_std) is recorded beside it.
+   Then the epochs: --table_epochs (12); of several values, the best at the chosen rate.
+2. Table: seeds 0-5 x dataset x method pretrain at their dataset's choice and are probed on
+   val, once (the probe seeded like the pretraining); the random-init encoder of each seed too.
+3. Report (experiments.table1_report): the primary measure is linear-probe top-1 and its
+   paired difference VI-SimSiam - SimSiam per dataset with a 95% t interval; top-5 and kNN top-1
+   are secondary; the gains over random init are set against the learning targets.
 
 Pretraining runs in <workdir>/<dataset>_<method>/lr<lr>_ep<epochs>_seed<seed>. Each finished
 candidate and run is written at once to --results as a small JSON (scores, training curves,
-config, seed, git commit), so a rerun skips it, even without the workdirs; unfinished
-pretraining resumes from its checkpoints. --report_only rewrites the report from --results.
+config, seed, git commit; workdirs relative to the repository), so a rerun skips it, even
+without the workdirs; unfinished pretraining resumes from its checkpoints. --report_only
+rewrites the report from --results.
 """
 
 from vi_simsiam_jax import launch
@@ -26,6 +32,7 @@ from vi_simsiam_jax import launch
 launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
 import json
+import math
 import os
 
 import matplotlib
@@ -52,19 +59,20 @@ _README = flags.DEFINE_string("readme", "", "If set, the file whose table block 
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from --results.")
 _DATASETS = flags.DEFINE_list("datasets", ["imagenette", "imagewoof"], "Datasets.")
 _METHODS = flags.DEFINE_list("methods", ["simsiam", "vi_simsiam"], "Methods.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining (and probe) seeds.")
-_SELECT_DATASET = flags.DEFINE_string("select_dataset", "imagenette",
-                                      "Dataset whose local split chooses the hyper-parameters.")
+_SEEDS = flags.DEFINE_list("seeds", [str(seed) for seed in range(6)],
+                           "Pretraining (and probe) seeds; the first one selects.")
 _LEARNING_RATES = {
-    "simsiam": flags.DEFINE_list("simsiam_learning_rates",
-                                 ["0.02", "0.05", "0.1", "0.2", "0.4", "0.8", "1.6"],
-                                 "SimSiam's learning-rate grid."),
-    "vi_simsiam": flags.DEFINE_list("vi_simsiam_learning_rates",
-                                    ["0.0005", "0.001", "0.002", "0.005"],
-                                    "VI-SimSiam's learning-rate grid."),
+    "simsiam": flags.DEFINE_list("simsiam_learning_rates", ["0.2", "0.4", "0.8"],
+                                 "SimSiam's starting learning-rate grid."),
+    "vi_simsiam": flags.DEFINE_list("vi_simsiam_learning_rates", ["0.0005", "0.001", "0.002"],
+                                    "VI-SimSiam's starting learning-rate grid."),
 }
-_NUM_EPOCHS = flags.DEFINE_list("num_epochs", ["6", "12"],
-                                "Epoch grid; the learning rates are compared at the first.")
+_EXTENSIONS = flags.DEFINE_integer("max_extensions", 3,
+                                   "Grid extensions (a factor 2 each) allowed on each side.")
+_SELECTION_EPOCHS = flags.DEFINE_integer("selection_epochs", 6,
+                                         "Epochs at which the learning rates are compared.")
+_TABLE_EPOCHS = flags.DEFINE_list("table_epochs", ["12"],
+                                  "Epochs of the table runs; of several, the best is chosen.")
 
 
 def run_config(dataset: str, method: str, learning_rate: float, num_epochs: int, seed: int
@@ -87,11 +95,15 @@ def probe_config(seed: int, local: bool = False) -> ml_collections.ConfigDict:
     return protocol.local_probe_config(config) if local else config
 
 
-def select(method: str, seed: int) -> dict[str, float | int]:
-    """The method's learning rate, then its epochs, by local-split probe top-1 (module doc)."""
-    path = table1_report.selection_path(_RESULTS.value, method)
-    record = {"dataset": table1_report.dataset_name(_SELECT_DATASET.value), "method": method,
-              "seed": seed, "candidates": []}
+def select(dataset: str, method: str, seed: int) -> dict[str, float | int]:
+    """The method's learning rate, then its epochs, on the dataset's local split (module doc)."""
+    path = table1_report.selection_path(_RESULTS.value, dataset, method)
+    record = {"dataset": table1_report.dataset_name(dataset), "method": method, "seed": seed,
+              "protocol": {"grid": [float(lr) for lr in _LEARNING_RATES[method].value],
+                           "factor": 2.0, "max_extensions": _EXTENSIONS.value,
+                           "selection_epochs": _SELECTION_EPOCHS.value,
+                           "table_epochs": [int(e) for e in _TABLE_EPOCHS.value]},
+              "candidates": []}
     if os.path.exists(path):  # a started selection keeps its seed, whatever --seeds says now
         with open(path) as f:
             record.update(json.load(f))  # and a finished one is rewritten byte for byte
@@ -101,25 +113,38 @@ def select(method: str, seed: int) -> dict[str, float | int]:
         for candidate in record["candidates"]:
             if (candidate["learning_rate"], candidate["num_epochs"]) == (learning_rate,
                                                                          num_epochs):
-                return candidate["probe"]["top1"]
-        config = run_config(_SELECT_DATASET.value, method, learning_rate, num_epochs, seed)
-        logging.info("Selection: %s, lr %g, %d epochs", method, learning_rate, num_epochs)
-        candidate = protocol.pretrain_and_probe(config, run_workdir(config),
-                                                probe_config(seed, local=True))
+                return candidate["probe"]["top1"] if candidate["probe"] else -math.inf
+        config = run_config(dataset, method, learning_rate, num_epochs, seed)
+        workdir = run_workdir(config)
+        logging.info("Selection: %s on %s, lr %g, %d epochs", method, dataset, learning_rate,
+                     num_epochs)
+        try:
+            candidate = protocol.pretrain_and_probe(config, workdir,
+                                                    probe_config(seed, local=True))
+        except FloatingPointError as error:  # diverged: recorded, scored -inf
+            candidate = {"workdir": protocol.relative_to_repo(workdir), "seed": seed,
+                         "learning_rate": learning_rate, "num_epochs": num_epochs,
+                         "probe": None, "diverged": str(error),
+                         "curves": protocol.training_curves(workdir),
+                         "config": config.to_dict(), "git_commit": protocol.git_commit()}
+        candidate["z_std"] = table1_report.collapse_monitor(candidate["curves"])
         record["candidates"].append(candidate)
         protocol.write_json(path, record)
-        return candidate["probe"]["top1"]
+        return candidate["probe"]["top1"] if candidate["probe"] else -math.inf
 
-    epochs = [int(e) for e in _NUM_EPOCHS.value]
-    learning_rate = max((float(lr) for lr in _LEARNING_RATES[method].value),
-                        key=lambda lr: top1(lr, epochs[0]))
-    num_epochs = max(epochs, key=lambda e: top1(learning_rate, e))
+    learning_rate = protocol.choose_learning_rate(
+        [float(lr) for lr in _LEARNING_RATES[method].value],
+        lambda lr: top1(lr, _SELECTION_EPOCHS.value), max_extensions=_EXTENSIONS.value)
+    epochs = [int(e) for e in _TABLE_EPOCHS.value]
+    num_epochs = epochs[0] if len(epochs) == 1 else max(
+        epochs, key=lambda e: top1(learning_rate, e))
     record["chosen"] = {"learning_rate": learning_rate, "num_epochs": num_epochs}
     record["selected_by"] = ("linear-probe top-1 on the local split of train (head fit on 80%, "
-                             "scored on 20%); learning rate at the first epoch count, then epochs")
+                             "scored on 20%); learning rate at the selection epochs, then epochs")
     if "random_init" not in record:  # the candidates' common initial encoder, scored alike
         record["random_init"] = protocol.probe_scores(
-            record["candidates"][0]["workdir"], probe_config(seed, local=True), random_init=True)
+            protocol.resolve(record["candidates"][0]["workdir"]),
+            probe_config(seed, local=True), random_init=True)
     protocol.write_json(path, record)
     return record["chosen"]
 
@@ -134,7 +159,8 @@ def table_run(dataset: str, method: str, chosen: dict, seed: int) -> None:
         record = protocol.pretrain_and_probe(config, workdir, probe_config(seed))
         protocol.write_json(path, {"dataset": table1_report.dataset_name(dataset),
                                    "method": method, "chosen_by": os.path.basename(
-                                       table1_report.selection_path(_RESULTS.value, method)),
+                                       table1_report.selection_path(_RESULTS.value, dataset,
+                                                                    method)),
                                    **record})
 
 
@@ -146,15 +172,17 @@ def random_init_run(dataset: str, chosen: dict, seed: int) -> None:
         name, method = table1_report.dataset_name(dataset), _METHODS.value[0]
         workdir = os.path.join(_WORKDIR.value, f"{name}_random_init", f"seed{seed}")
         os.makedirs(workdir, exist_ok=True)
-        checkpoints.save_config(workdir, run_config(
-            dataset, method, chosen[method]["learning_rate"], chosen[method]["num_epochs"], seed))
-        config = probe_config(seed)
+        config = run_config(dataset, method, chosen[method]["learning_rate"],
+                            chosen[method]["num_epochs"], seed)
+        checkpoints.save_config(workdir, config)
+        probe = probe_config(seed)
         protocol.write_json(path, {
-            "dataset": name, "method": "random_init",
-            "seed": seed,
-            "probe": {"eval_split": config.eval_split,
-                      **protocol.probe_scores(workdir, config, random_init=True)},
-            "probe_config": config.to_dict(), "git_commit": protocol.git_commit()})
+            "dataset": name, "method": "random_init", "seed": seed,
+            "encoder": {"method": method, "model": config.model.to_dict(),
+                        "initialisation": f"train_state.init_variables, jax.random.key({seed})"},
+            "probe": {"eval_split": probe.eval_split,
+                      **protocol.probe_scores(workdir, probe, random_init=True)},
+            "probe_config": probe.to_dict(), "git_commit": protocol.git_commit()})
 
 
 def plot_curves(results_dir: str, path: str) -> None:
@@ -203,8 +231,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--methods must be among {sorted(_LEARNING_RATES)}, got {unknown}.")
     if not _REPORT_ONLY.value:
         seeds = [int(seed) for seed in _SEEDS.value]
-        chosen = {method: select(method, seeds[0]) for method in _METHODS.value}
         for dataset in _DATASETS.value:
+            chosen = {method: select(dataset, method, seeds[0]) for method in _METHODS.value}
             for seed in seeds:
                 for method in _METHODS.value:
                     table_run(dataset, method, chosen[method], seed)

@@ -1,7 +1,7 @@
 """Table 1 at CPU scale, computed from its run records (written by experiments.reproduce_table1).
 
-Records in the results folder: `select_<method>.json` (the local-split selection: every
-candidate's scores and the choice), `<dataset>_<method>_seed<k>.json` (a pretraining run probed
+Records in the results folder: `select_<dataset>_<method>.json` (the local-split selection on
+that dataset: every candidate's scores and collapse monitor, and the choice), `<dataset>_<method>_seed<k>.json` (a pretraining run probed
 on val) and `<dataset>_random_init_seed<k>.json`. From them: per cell mean +- std over seeds,
 the paired difference VI-SimSiam - SimSiam (same seed) with its 95% t interval, and each
 method's gain over the random-init encoder of the same seed against the learning targets, and
@@ -36,8 +36,8 @@ def record_path(results_dir: str, dataset: str, method: str, seed: int) -> str:
     return os.path.join(results_dir, f"{dataset_name(dataset)}_{method}_seed{seed}.json")
 
 
-def selection_path(results_dir: str, method: str) -> str:
-    return os.path.join(results_dir, f"select_{method}.json")
+def selection_path(results_dir: str, dataset: str, method: str) -> str:
+    return os.path.join(results_dir, f"select_{dataset_name(dataset)}_{method}.json")
 
 
 def _load(pattern: str) -> list[dict[str, Any]]:
@@ -53,9 +53,9 @@ def load_runs(results_dir: str) -> list[dict[str, Any]]:
     return _load(os.path.join(results_dir, "*_seed*.json"))
 
 
-def load_selections(results_dir: str) -> dict[str, dict[str, Any]]:
-    """The selection record of each method."""
-    return {record["method"]: record
+def load_selections(results_dir: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The selection record of each (dataset, method)."""
+    return {(record["dataset"], record["method"]): record
             for record in _load(os.path.join(results_dir, "select_*.json"))}
 
 
@@ -101,14 +101,16 @@ def summarize(results_dir: str) -> dict[str, Any]:
                     gains[dataset][method][metric] = {**gain, "target": target,
                                                       "met": gain["mean"] >= target}
     selection = {
-        method: {"dataset": record["dataset"], "seed": record["seed"],
-                 "chosen": record.get("chosen"),
-                 "random_init_local_val_top1": record.get("random_init", {}).get("top1"),
-                 "candidates": [{"learning_rate": c["learning_rate"],
-                                 "num_epochs": c["num_epochs"],
-                                 **{f"local_val_{m}": c["probe"][m] for m in METRICS}}
-                                for c in record["candidates"]]}
-        for method, record in load_selections(results_dir).items()}
+        f"{dataset}/{method}": {
+            "dataset": dataset, "method": method, "seed": record["seed"],
+            "chosen": record.get("chosen"),
+            "random_init_local_val_top1": record.get("random_init", {}).get("top1"),
+            "candidates": [{"learning_rate": c["learning_rate"], "num_epochs": c["num_epochs"],
+                            **{f"local_val_{m}": c["probe"][m] if c["probe"] else None
+                               for m in METRICS},
+                            "z_std": collapse_monitor(c.get("curves", []))}
+                           for c in record["candidates"]]}
+        for (dataset, method), record in load_selections(results_dir).items()}
     return {"runs": runs, "cells": cells, "differences": differences, "gains": gains,
             "selection": selection, "compute": compute_used(results_dir)}
 
@@ -125,7 +127,7 @@ def pretraining_seconds(record: dict[str, Any]) -> float:
 def compute_used(results_dir: str) -> dict[str, float]:
     """Pretraining time over every distinct run (selection candidates and table runs)."""
     runs = {c["workdir"]: c for record in load_selections(results_dir).values()
-            for c in record["candidates"]}
+            for c in record["candidates"] if c.get("curves")}
     runs.update((r["workdir"], r) for r in load_runs(results_dir) if r["method"] != "random_init")
     return {"pretraining_runs": len(runs),
             "pretraining_hours": sum(map(pretraining_seconds, runs.values())) / 3600}
@@ -231,16 +233,17 @@ def markdown(summary: dict[str, Any]) -> str:
                 for method in METHOD_NAMES) + " |")
     lines += ["", "Chosen on the local split (linear-probe top-1 on 20% of train, the head fit on "
               "the other 80%; no val image):", ""]
-    for method, selection in summary["selection"].items():
-        scores = ", ".join(f"lr {c['learning_rate']:g} × {c['num_epochs']} ep: "
-                           f"{c['local_val_top1']:.2f}" for c in selection["candidates"])
+    for selection in summary["selection"].values():
+        scores = ", ".join(f"lr {c['learning_rate']:g} × {c['num_epochs']} ep: " + (
+            f"{c['local_val_top1']:.2f}" if c["local_val_top1"] is not None else "diverged")
+            for c in selection["candidates"])
         chosen = selection.get("chosen")
         chosen = (f"lr {chosen['learning_rate']:g}, {chosen['num_epochs']} epochs" if chosen
                   else "not yet chosen")
         random_init = selection["random_init_local_val_top1"]
         if random_init is not None:
             scores += f"; random init: {random_init:.2f}"
-        lines.append(f"- {METHOD_NAMES[method]} on {selection['dataset']}, seed "
+        lines.append(f"- {METHOD_NAMES[selection['method']]} on {selection['dataset']}, seed "
                      f"{selection['seed']}: {chosen} ({scores}).")
     compute = summary["compute"]
     lines += ["", f"Pretraining compute: {compute['pretraining_runs']} runs, "

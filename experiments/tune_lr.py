@@ -51,7 +51,10 @@ def main(argv: list[str]) -> None:
         "selection": "linear probe top-1 on local_val (20% of train); no val image encoded",
         "chosen_learning_rate": float(chosen), "local_val": scores,
         "random_init_local_val": random_init,
-        "config": _CONFIG.value.to_dict(), "probe_config": probe_config.to_dict(),
+        "learning_rates_run": [float(text) for text in _LEARNING_RATES.value],
+        # The config of every run, its learning rate set per run (learning_rates_run).
+        "config": {**_CONFIG.value.to_dict(), "learning_rate": None},
+        "probe_config": probe_config.to_dict(),
         "git_commit": protocol.git_commit(),
     }
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "tune_lr.json")
