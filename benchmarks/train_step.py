@@ -63,7 +63,6 @@ CPU_SETUP = launch.configure(__name__)  # first: may restart; XLA reads its flag
 
 import jax  # noqa: E402  (after the launcher)
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

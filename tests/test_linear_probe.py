@@ -19,7 +19,7 @@ from experiments import reporting, results_readme
 from experiments.configs import probe as probe_config
 from tests import fake_archives, pretrain_utils, tiny_config
 from vi_simsiam_jax import checkpoints, datasets, train_state
-from vi_simsiam_jax.evaluation import encoder, kappa_report, ood_report
+from vi_simsiam_jax.evaluation import encoder, ood_report
 from vi_simsiam_jax.evaluation import linear_probe as probe
 
 

@@ -5,7 +5,6 @@ torch; tests/test_torch_parity.py runs the export in torchvision)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import safetensors.numpy
 
 from vi_simsiam_jax import models, torch_export

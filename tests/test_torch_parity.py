@@ -6,7 +6,6 @@ our batches match `train.train_step`: per-step losses, final parameters and BN r
 
 import copy
 import math
-import pathlib
 import tarfile
 
 import jax
@@ -21,7 +20,7 @@ from PIL import Image
 from experiments.configs import paper
 from tests import float64, reference
 from tests.torchvision_import import import_torchvision
-from vi_simsiam_jax import datasets, models, train, train_state
+from vi_simsiam_jax import datasets, train, train_state
 from vi_simsiam_jax.torch_export import torch_state_dict
 
 
