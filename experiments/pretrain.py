@@ -15,6 +15,7 @@ from vi_simsiam_jax import launch
 
 launch.configure(__name__)  # first: it may restart the process, and XLA reads its flags once
 
+import os
 import sys
 
 import jax
@@ -33,6 +34,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with JAX's auto-detection "
                                  "(TPU pods, SLURM).")
+_PEER_TIMEOUT = flags.DEFINE_float(
+    "peer_timeout_s", 120.0, "Several processes: seconds without a completed step after which "
+    "a process stops, its peer taken for lost (the compilation does not count).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,7 +45,10 @@ def initialize_distributed() -> None:
     if _COORDINATOR.value is None and not _DISTRIBUTED.value:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # The coordination service would abort a process whose peer stopped beating; the loop stops
+    # it first, with a message (its watchdog at --peer_timeout_s, a failed collective at once).
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=int(_PEER_TIMEOUT.value) + 60)
 
 
 def main(argv: list[str]) -> None:
@@ -51,10 +58,15 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
-        loop.pretrain(_CONFIG.value, _WORKDIR.value)
+        loop.pretrain(_CONFIG.value, _WORKDIR.value, _PEER_TIMEOUT.value)
     except loop.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(128 + 15)
+    except loop.LostPeer as lost:
+        logging.error("%s", lost)
+        logging.flush()
+        sys.stderr.flush()
+        os._exit(loop.EXIT_LOST_PEER)  # not through JAX's shutdown barrier: it waits for the peer
 
 
 if __name__ == "__main__":

@@ -179,3 +179,31 @@ def test_loading_unprepared_dataset_names_data_dir(tmp_path):
     builder = datasets.get_builder("imagewoof-320px", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match=re.escape(f"not prepared in {tmp_path}")):
         datasets.load_examples(builder, "train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_shard_is_named_and_no_run_starts(tmp_path, damage):
+    """A tfds shard truncated or deleted after preparation: loading the split names the shard
+    and how to recover, and experiments.pretrain (a real process) stops before training, with
+    no checkpoint written."""
+    folder = tmp_path / "images"
+    fake_archives.make_folder(folder, ["a", "b"], n_train=8, n_val=2, size=24, extras=False)
+    builder = datasets.prepare(str(folder), data_dir=str(tmp_path / "tfds"))
+    shard = builder.info.splits["train"].filepaths[0]
+    if damage == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[:len(data) // 2])
+        message = f"shard {shard} holds .* examples of 16"
+    else:
+        shard.unlink()
+        message = f"shard {shard} is missing"
+    with pytest.raises(datasets.DamagedDatasetError, match=f"{message}.*Delete {builder.data_dir}"):
+        datasets.load_examples(builder, "train")
+    workdir = tmp_path / "run"
+    completed = pretrain_utils.run_module(
+        "experiments.pretrain", f"--config={pretrain_utils.REPO / 'tests' / 'tiny_config.py'}:"
+        f"{folder}", f"--config.data_dir={tmp_path / 'tfds'}", f"--workdir={workdir}",
+        check=False, timeout=300)
+    assert completed.returncode != 0
+    assert re.search(message, completed.stderr), completed.stderr[-2000:]
+    assert not list(workdir.glob("checkpoints/*"))

@@ -1,7 +1,10 @@
-"""Scale-out and failure handling: 2 real processes, corrupt checkpoints, I/O errors, SIGTERM."""
+"""Scale-out and failure handling with real processes: 2 processes (gloo) against 8 devices,
+resume on another device count, a preempted or lost process of two, corrupt checkpoints, I/O
+errors, SIGTERM."""
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,47 +35,140 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process(pretrain_data, tmp_path):
-    """2 processes x 1 CPU device (gloo collectives) == 1 process x 8 devices, in float64."""
+_FLOAT64 = "--config.model.dtype=float64"
+# At XLA's default optimisation level: at level 0 (ENV's) XLA:CPU computes this float64 step to
+# about float32 accuracy.
+_ONE_DEVICE_FLOAT64 = {**ENV, "JAX_ENABLE_X64": "1",
+                       "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
+
+
+_EPOCHS = 2  # 8 steps: after the first checkpoint, time to preempt or kill a process
+
+
+@pytest.fixture(scope="module")
+def float64_run(pretrain_data, tmp_path_factory):
+    """The tiny run in float64 on this process's 8 devices, 2 epochs (8 steps, every one of
+    its checkpoints kept: every 2 steps)."""
+    workdir = tmp_path_factory.mktemp("float64_run")
+    with jax.enable_x64(True):
+        one = config(pretrain_data, num_epochs=_EPOCHS, keep_checkpoints=4 * _EPOCHS)
+        one.model.dtype = "float64"
+        loop.pretrain(one, str(workdir))
+    return workdir
+
+
+def _start_processes(pretrain_data, workdir, logs_dir, num_processes: int
+                     ) -> tuple[list[subprocess.Popen], list]:
+    """The float64 tiny run (`float64_run`'s config) started as num_processes processes x 1 CPU
+    device (gloo); (processes, their log files)."""
     port = _free_port()
-    float64 = "--config.model.dtype=float64"
-    # At XLA's default optimisation level: at level 0 (ENV's) XLA:CPU computes this float64
-    # step to about float32 accuracy.
-    env = {**ENV, "JAX_ENABLE_X64": "1",
-           "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
+    flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}"]
     # Each process logs to a file: a pipe that the test does not read while it waits for the
     # other process fills up, and the blocked writer never reaches JAX's shutdown barrier.
-    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    logs = [logs_dir / f"process_{i}.log" for i in range(num_processes)]
     processes = []
     for i, log in enumerate(logs):
         with open(log, "w") as stderr:
             processes.append(subprocess.Popen(
-                command(pretrain_data, tmp_path / "two", "--config.num_epochs=1", float64,
-                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}"),
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
-    # The reference runs after them: beside them it took the cores that the two processes need
-    # to reach their first collective within gloo's 30 s of each other.
+                command(pretrain_data, workdir, f"--config.num_epochs={_EPOCHS}",
+                        f"--config.keep_checkpoints={4 * _EPOCHS}", _FLOAT64,
+                        *(flags + [f"--process_id={i}"] if num_processes > 1 else [])),
+                cwd=REPO, env=_ONE_DEVICE_FLOAT64, stdout=subprocess.DEVNULL, stderr=stderr))
+    return processes, logs
+
+
+def _run_processes(pretrain_data, workdir, logs_dir, num_processes: int) -> None:
+    """`_start_processes`, and each must end with status 0."""
+    processes, logs = _start_processes(pretrain_data, workdir, logs_dir, num_processes)
     for process, log in zip(processes, logs):
         process.wait(timeout=600)
         assert process.returncode == 0, log.read_text()[-3000:]
-    assert "JAX process 1/2" in logs[1].read_text()
-    with jax.enable_x64(True):
-        one = config(pretrain_data, num_epochs=1)
-        one.model.dtype = "float64"
-        loop.pretrain(one, str(tmp_path / "one"))
-        multi, single = restore(tmp_path / "two", step=2), restore(tmp_path / "one", step=2)
-        initial = jax.device_get(train_state.create_train_state(
-            jax.random.key(one.seed), one, train_state.make_model(one), 1).params)
-    assert int(multi.step) == int(single.step) == 2
-    # Float64 programs that sum in other orders (gloo, 8 devices) differ by roundoff: ~1e3 eps64
-    # ~ 2e-13 after 2 steps (as 1e-5 ~ 1e2 eps32 in float32), and 1e-10 keeps 500x of margin.
+    if num_processes > 1:
+        assert f"JAX process 1/{num_processes}" in logs[1].read_text()
+
+
+def _assert_roundoff_apart(a, b) -> None:
+    """Float64 programs that sum in other orders (gloo, 8 devices) differ by roundoff. The
+    parameters and statistics are sums of O(1) terms (the inputs are normalised), whose roundoff
+    8 steps grow to ~1e4 eps64 ~ 2e-12 (as 1e-5 ~ 1e2 eps32 in float32): 1e-11 absolute, or
+    1e-10 relative for larger values."""
     for name in ("params", "batch_stats"):
-        assert {x.dtype for x in jax.tree.leaves(getattr(multi, name))} == {np.dtype("float64")}
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
-                     getattr(multi, name), getattr(single, name))
-    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), single.params, initial)
-    assert max(jax.tree.leaves(moved)) > 1e-3  # the 2 steps changed the parameters
+        assert {x.dtype for x in jax.tree.leaves(getattr(a, name))} == {np.dtype("float64")}
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-11),
+                     getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_a_run_checkpointed_on_8_devices_resumes_on_another_device_count(
+        pretrain_data, float64_run, tmp_path, num_processes):
+    """The 8-device run's step-2 checkpoint, resumed on 1 process x 1 device or 2 processes x 1
+    device: the same global batches from step 2 on, so its last step equals the 8-device run's."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(float64_run, workdir)
+    for later in (workdir / "checkpoints").iterdir():
+        if int(later.name) > 2:
+            shutil.rmtree(later)
+    _run_processes(pretrain_data, workdir, tmp_path, num_processes)
+    assert "Resuming at step 2" in (tmp_path / "process_0.log").read_text()
+    _assert_same_end(workdir, float64_run)
+
+
+def _assert_same_end(workdir, reference) -> None:
+    """The last checkpoints of two float64 runs: the same step, the same state to roundoff (and
+    training moved the parameters far more than that)."""
+    with jax.enable_x64(True):
+        final, expected = restore(workdir), restore(reference)
+        saved = checkpoints.load_config(str(reference))
+        initial = jax.device_get(train_state.create_train_state(
+            jax.random.key(saved.seed), saved, train_state.make_model(saved), 1).params)
+    assert int(final.step) == int(expected.step) == 4 * _EPOCHS
+    _assert_roundoff_apart(final, expected)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), expected.params, initial)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def _wait_for(path, processes, seconds: float = 600) -> None:
+    """Until `path` exists; every process must still be running."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        assert all(p.poll() is None for p in processes), "a process ended too early"
+        time.sleep(0.05)
+    assert path.exists()
+
+
+def test_one_preempted_or_lost_process_of_two(pretrain_data, float64_run, tmp_path):
+    """SIGTERM to process 1 alone: both agree on a step, save it once, exit 143. Relaunched, then
+    SIGKILL to process 1: process 0 stops at once (status EXIT_LOST_PEER, a message saying how to
+    resume, no abort in JAX's shutdown). Relaunched again, the run ends where an uninterrupted
+    one ends."""
+    workdir = tmp_path / "run"
+    processes, logs = _start_processes(pretrain_data, workdir, tmp_path, 2)
+    _wait_for(workdir / "checkpoints" / "2" / "commit_success.txt", processes)
+    processes[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=300) for p in processes] == [143, 143]
+    stopped = {re.search(r"Preempted \(SIGTERM\) after step (\d+)", log.read_text()).group(1)
+               for log in logs}
+    assert len(stopped) == 1, stopped  # the same step on both
+    preempted_at = int(stopped.pop())
+    assert 2 < preempted_at < 4 * _EPOCHS
+    assert (workdir / "checkpoints" / str(preempted_at) / "commit_success.txt").exists()
+
+    processes, logs = _start_processes(pretrain_data, workdir, tmp_path, 2)
+    next_checkpoint = preempted_at + 2 - preempted_at % 2
+    _wait_for(workdir / "checkpoints" / str(next_checkpoint) / "commit_success.txt", processes)
+    processes[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    assert processes[0].wait(timeout=300) == loop.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
+    assert time.time() - start < 60
+    processes[1].wait()
+    survivor = logs[0].read_text()
+    assert f"Resuming at step {preempted_at}" in survivor
+    assert "another process of the run has most likely died" in survivor
+    assert "Relaunch all processes with the same command" in survivor
+    assert "Fatal Python error" not in survivor
+
+    _run_processes(pretrain_data, workdir, tmp_path, 2)
+    _assert_same_end(workdir, float64_run)
 
 
 def _corrupt(checkpoint_dir) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests import tiny_config
 from tests.pretrain_utils import ENV, REPO, command, config, restore
-from vi_simsiam_jax import augment, loop
+from vi_simsiam_jax import augment, checkpoints, loop
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     """8 steps, checkpoints every 2: killed after the first, resumed, equal to a whole run."""
@@ -158,3 +158,30 @@ def test_knn_monitor_logs_a_curve_and_leaves_training_unchanged(pretrain_data, t
             for event in [tf.compat.v1.Event.FromString(record.numpy())]
             for value in event.summary.value}
     assert {(4, "knn_top1_local_val"), (8, "knn_top1_local_val")} <= tags
+
+
+def test_one_run_per_workdir_and_a_killed_run_leaves_no_lock(pretrain_data, tmp_path):
+    """While a run trains, a second command on its workdir stops before writing anything and
+    names the first; once the first is SIGKILLed its lock is gone."""
+    workdir = tmp_path / "work"
+    log = tmp_path / "first.log"
+    with open(log, "w") as stderr:  # a file, not a pipe that could fill up unread
+        first = subprocess.Popen(command(pretrain_data, workdir, "--config.num_epochs=200"),
+                                 cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        checkpoint = workdir / "checkpoints" / "2" / "commit_success.txt"
+        deadline = time.time() + 600
+        while not checkpoint.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, log.read_text()[-3000:]
+        second = subprocess.run(command(pretrain_data, workdir, "--config.num_epochs=200"),
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert second.returncode != 0
+    assert f"is in use by another run (process {first.pid} on " in second.stderr
+    assert "Resuming" not in second.stderr and "Starting at step" not in second.stderr
+    with checkpoints.workdir_lock(str(workdir)):  # the killed run's lock died with it
+        assert f"process {os.getpid()} " in (workdir / checkpoints.LOCK_FILE).read_text()

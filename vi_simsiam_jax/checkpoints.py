@@ -1,12 +1,17 @@
 """Orbax checkpoints of the train state, with the run's config saved beside them.
 
 Layout of a workdir: `config.json` (the pretraining config), `checkpoints/<step>/` (orbax, the
-last `keep_checkpoints` kept), `metrics.jsonl` and TensorBoard event files. A workdir alone is
-enough to restore the encoder for probing.
+last `keep_checkpoints` kept), `metrics.jsonl` and TensorBoard event files, and `run.lock`
+(held by the run in progress). A workdir alone is enough to restore the encoder for probing.
 """
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = "run.lock"
 # Settings that may change when a run is resumed (loop settings, the kNN monitor, and the
 # convolution implementation, which leaves parameters and values unchanged); every other field
 # must match.
@@ -44,6 +50,38 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         with open(tmp, "w") as f:
             json.dump(new, f, indent=2)
         os.replace(tmp, path)
+
+
+class WorkdirInUse(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """One run per workdir: process 0 holds an exclusive POSIX lock on workdir/run.lock while the
+    block runs (the other processes of a multi-host run share process 0's). The kernel (or the
+    NFS lock manager) drops the lock when its process ends, however it ends, so the lock of a
+    killed run never blocks the next one. Raises WorkdirInUse naming the holder."""
+    if jax.process_index() != 0:
+        yield
+        return
+    descriptor = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 1024, 0).decode(errors="replace").strip()
+        os.close(descriptor)
+        raise WorkdirInUse(
+            f"{workdir} is in use by another run ({holder or 'a process starting up'}): one run "
+            "per workdir. Wait for it to end, stop it, or pass another --workdir.") from None
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (f"process {os.getpid()} on {socket.gethostname()}, started "
+                               f"{datetime.datetime.now().isoformat(timespec='seconds')}\n"
+                               ).encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
@@ -355,10 +356,7 @@ def load_examples(builder: VisImages, split: str) -> Examples:
     if tfds_split not in builder.info.splits:
         raise ValueError(f"{builder.info.full_name} has no {split!r} split "
                          f"(source {builder.info.metadata.get('source')}).")
-    ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    records = sorted((r["file_name"].decode(), r["image"], r["label"])
-                     for r in tfds.as_numpy(ds))
+    records = sorted(_read_split(builder, tfds_split))
     names, images, labels = zip(*records)
     examples = Examples(np.array(images, dtype=object), np.array(labels, dtype=np.int32),
                         np.array(names, dtype=object), tuple(builder.info.features["label"].names))
@@ -366,6 +364,44 @@ def load_examples(builder: VisImages, split: str) -> Examples:
         mask = local_val_mask(examples.file_names)
         examples = examples.subset(mask if split == "local_val" else ~mask)
     return examples
+
+
+class DamagedDatasetError(OSError):
+    """A prepared split whose shard files are missing, truncated or short of examples."""
+
+
+def _read_split(builder: VisImages, tfds_split: str) -> list[tuple[str, bytes, int]]:
+    """(file name, JPEG bytes, label) of every example of a prepared split; DamagedDatasetError
+    naming the shard if a shard file is missing, unreadable or holds fewer examples than its
+    dataset_info records."""
+    info = builder.info.splits[tfds_split]
+    advice = (f"Delete {builder.data_dir} and rerun: the dataset is prepared again from its "
+              "source (or run experiments.prepare_data).")
+    for path in info.filepaths:
+        if not os.path.exists(path):
+            raise DamagedDatasetError(f"Prepared dataset {builder.info.full_name} is damaged: "
+                                      f"shard {path} is missing. {advice}")
+    ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    try:
+        records = [(r["file_name"].decode(), r["image"], r["label"]) for r in tfds.as_numpy(ds)]
+    except tf.errors.OpError as error:
+        records, cause = [], error.message
+    else:
+        cause = f"{len(records)} examples read, {info.num_examples} recorded"
+    if len(records) != info.num_examples:
+        for path, expected in zip(info.filepaths, info.shard_lengths):
+            try:
+                found = sum(1 for _ in tf.data.TFRecordDataset(os.fspath(path)))
+            except tf.errors.OpError as error:
+                found = f"unreadable ({error.message})"
+            if found != expected:
+                raise DamagedDatasetError(
+                    f"Prepared dataset {builder.info.full_name} is damaged: shard {path} holds "
+                    f"{found} examples of {expected}. {advice}")
+        raise DamagedDatasetError(f"Prepared dataset {builder.info.full_name} is damaged "
+                                  f"({cause}). {advice}")
+    return records
 
 
 def summary(builder: VisImages) -> dict:

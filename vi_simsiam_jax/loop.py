@@ -9,7 +9,10 @@ uninterrupted one.
 import json
 import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,6 +22,7 @@ import tensorflow as tf
 import tqdm
 from absl import logging
 from flax import jax_utils
+from jax.experimental import multihost_utils
 
 from vi_simsiam_jax import checkpoints, datasets, input_pipeline, losses, models, train
 from vi_simsiam_jax.cpu import layers
@@ -134,26 +138,80 @@ def _check_workdir(workdir: str) -> None:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step."""
+    """SIGTERM as a decision the loop reads after every step. One process: a flag its handler
+    sets. Several processes: JAX's preemption sync point (jax.distributed's notifier catches a
+    SIGTERM sent to any of them), so that all agree on the step at which to save and stop."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multihost = jax.process_count() > 1
+        self._requested = False
+        if not self._multihost:  # a Python handler would replace the notifier's
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         logging.warning("SIGTERM: saving a checkpoint after the current step, then exiting.")
-        self.requested = True
+        self._requested = True
+
+    def requested(self, done: int) -> bool:
+        """Whether to save and stop after step `done`; every process calls it at every step."""
+        if self._multihost:
+            return multihost_utils.reached_preemption_sync_point(done)
+        return self._requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multihost:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# Exit status of a process that stopped because another process of its run was lost (EX_TEMPFAIL:
+# relaunching every process resumes the run).
+EXIT_LOST_PEER = 75
+
+
+class LostPeer(Exception):
+    """A collective of a multi-host run failed: another process of the run has most likely died.
+    The process should exit (EXIT_LOST_PEER) without JAX's shutdown barrier, which would wait
+    for the lost process."""
+
+
+class _Watchdog:
+    """In a multi-host run, ends this process (status EXIT_LOST_PEER, with a message) when a step
+    makes no progress for timeout_s: a lost peer that no collective reports, e.g. one that hangs.
+    Armed by the first `beat` (the compilation does not count) and between `pause` and the
+    next `beat` not at all."""
+
+    def __init__(self, timeout_s: float, describe: Callable[[], str]):
+        self._timeout_s, self._describe = timeout_s, describe
+        self._deadline: float | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+        if jax.process_count() > 1:
+            self._thread.start()
+
+    def beat(self) -> None:
+        self._deadline = time.monotonic() + self._timeout_s
+
+    def pause(self) -> None:
+        self._deadline = None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(1.0):
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                sys.stderr.write(f"\nNo progress for {self._timeout_s:g} s. {self._describe()}\n")
+                sys.stderr.flush()
+                os._exit(EXIT_LOST_PEER)
 
 
 class Preempted(Exception):
     """The run stopped on SIGTERM after saving a checkpoint; rerun to resume."""
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def pretrain(config: ml_collections.ConfigDict, workdir: str, peer_timeout_s: float = 120.0
+             ) -> TrainState:
     """Pretrains on config.dataset; resumes from the newest checkpoint in workdir if any.
 
     Every config.eval_every_epochs epochs (0: never) the kNN monitor
@@ -162,11 +220,23 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     Stops with FloatingPointError at the first non-finite step, after the
     last good checkpoint is safely on disk (the bad state is never saved). On SIGTERM it saves
-    a checkpoint after the current step and raises Preempted.
+    a checkpoint after the current step and raises Preempted. A workdir in use by another live
+    run raises checkpoints.WorkdirInUse before anything is written.
+
+    Several processes: a failed collective (another process died) raises LostPeer; a step that
+    makes no progress for peer_timeout_s ends the process (`_Watchdog`). Relaunching every
+    process with the same command resumes from the newest checkpoint.
     """
     validate_config(config, jax.device_count())
     _check_dataset_and_crops(config)
     _check_workdir(workdir)
+    with checkpoints.workdir_lock(workdir):
+        return _pretrain(config, workdir, peer_timeout_s)
+
+
+def _pretrain(config: ml_collections.ConfigDict, workdir: str, peer_timeout_s: float
+              ) -> TrainState:
+    """`pretrain` once its checks passed and the workdir is this run's."""
     checkpoints.save_config(workdir, config)
 
     builder = datasets.prepare_from_config(config)
@@ -210,6 +280,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=jax.process_index() != 0)
     preemption = _Preemption()
+
+    def lost_peer(cause: str) -> str:
+        return (f"Process {jax.process_index()} of {jax.process_count()}: {cause}; another process "
+                "of the run has most likely died (killed, out of memory, host lost). Relaunch "
+                "all processes with the same command: the run resumes from the newest checkpoint "
+                f"(step {checkpoint_manager.latest_step()}).")
+
+    watchdog = _Watchdog(peer_timeout_s, lambda: lost_peer("no step has completed"))
     pending: list[dict[str, float]] = []
     last_log = time.perf_counter()
     try:
@@ -223,12 +301,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     f"{checkpoint_manager.directory} predates it and is intact.")
             pending.append({k: float(v) for k, v in metrics.items()})
             progress.update()
+            watchdog.beat()
             done = step + 1
             if monitor and done % (config.eval_every_epochs * steps_per_epoch) == 0:
                 variables = _unreplicate({"params": state.params,
                                           "batch_stats": state.batch_stats})
+                watchdog.pause()  # a local computation, as long as it takes
                 evaluation = monitor.evaluate(
                     encoder.FrozenEncoder(config, eval_model, variables, done))
+                watchdog.beat()
                 writer.write(done, evaluation)
                 logging.info("step %d: kNN top-1 on the local split %.2f%% (%.1f s)", done,
                              evaluation["knn_top1_local_val"], evaluation["knn_eval_s"])
@@ -246,17 +327,24 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                              ", ".join(f"{k} {v}" for k, v in shown.items()),
                              summary["images_per_sec"])
                 pending, last_log = [], now
+            preempted = preemption.requested(done)
             if (done % config.checkpoint_every_steps == 0 or done == total_steps
-                    or preemption.requested):
+                    or preempted):
                 checkpoints.save(checkpoint_manager, done, jax.device_get(_unreplicate(state)))
-            if preemption.requested:
+            if preempted:
                 raise Preempted(f"Preempted (SIGTERM) after step {done}; checkpoint saved in "
                                 f"{checkpoint_manager.directory}. Rerun the same command to "
                                 "resume.")
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        raise LostPeer(lost_peer(f"a collective failed ({str(error).splitlines()[0]})")
+                       ) from error
     finally:
         preemption.restore()
         checkpoint_manager.wait_until_finished()
         checkpoint_manager.close()
         progress.close()
         writer.close()
+    watchdog.stop()
     return _unreplicate(state)
