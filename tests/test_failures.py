@@ -257,3 +257,27 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(pretrain_data, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming at step {saved[0]} of 8" in resumed.stderr
     assert int(restore(tmp_path).step) == 8
+
+
+def test_watchdog_ends_a_multihost_process_whose_step_hangs(monkeypatch, capfd):
+    """A peer that hangs (no collective fails): after the timeout without a step the process
+    exits with EXIT_LOST_PEER and says why; paused (a local evaluation) it waits."""
+    exits = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    watchdog = loop._Watchdog(1.0, lambda: "a peer is gone")
+    try:
+        time.sleep(2.5)
+        assert exits == []  # not armed before the first step
+        watchdog.beat()
+        watchdog.pause()
+        time.sleep(2.5)
+        assert exits == []  # paused
+        watchdog.beat()
+        deadline = time.time() + 10
+        while not exits and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    assert exits[:1] == [loop.EXIT_LOST_PEER]
+    assert "No progress for 1 s. a peer is gone" in capfd.readouterr().err
