@@ -332,6 +332,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, peer_timeout_s: f
                     or preempted):
                 checkpoints.save(checkpoint_manager, done, jax.device_get(_unreplicate(state)))
             if preempted:
+                watchdog.stop()  # every process stops here; none is lost
                 raise Preempted(f"Preempted (SIGTERM) after step {done}; checkpoint saved in "
                                 f"{checkpoint_manager.directory}. Rerun the same command to "
                                 "resume.")
