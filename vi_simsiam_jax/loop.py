@@ -275,7 +275,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str, peer_timeout_s: f
     state = jax_utils.replicate(state, axis_name=AXIS_NAME)
     monitor = (knn_monitor.LocalSplitKnn(examples, config.batch_size, config.global_size)
                if config.eval_every_epochs else None)
-    eval_model = make_model(config, axis_name=None)
+    eval_model = make_model(config, axis_name=None) if monitor else None
     writer = MetricWriter(workdir)
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                          disable=jax.process_index() != 0)
