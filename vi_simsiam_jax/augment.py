@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import dm_pix
 import jax
@@ -221,17 +221,23 @@ def color_jitter(image: Array, factors: Array, order: Array) -> Array:
 
     Brightness, contrast and saturation before the hue in `order` run first, then the hue, then
     the rest: vmap evaluates every branch of a choice, so each stage is one `adjust` (with its op
-    as data) and the costlier hue rotation is evaluated once.
+    as data) and the costlier hue rotation is evaluated once. The stages run as `lax.scan`s
+    because a loop carry is stored between iterations: unrolled, XLA:CPU fuses each stage into
+    every reader of its output (the next stage reads it for the luma, its mean and the blend;
+    the hue rotation reads it several times), so the earlier stages ran many times over
+    (benchmarks/README.md, "Demo config: step and loop").
     """
     hue_stage = jnp.argmax(order == 3)
-    for stage in range(3):  # stage 3 never precedes the hue
-        op = jnp.minimum(order[stage], 2)
-        image = jnp.where(stage < hue_stage, adjust(image, op, factors[op]), image)
+
+    def stages(image: Array, indices: Array, runs: Callable[[Array], Array]) -> Array:
+        def stage(image: Array, index: Array) -> tuple[Array, None]:
+            op = jnp.minimum(order[index], 2)
+            return jnp.where(runs(index), adjust(image, op, factors[op]), image), None
+        return jax.lax.scan(stage, image, indices)[0]
+
+    image = stages(image, jnp.arange(3), lambda index: index < hue_stage)  # 3 never precedes it
     image = adjust_hue(image, factors[3])
-    for stage in range(1, 4):  # stage 0 never follows it
-        op = jnp.minimum(order[stage], 2)
-        image = jnp.where(stage > hue_stage, adjust(image, op, factors[op]), image)
-    return image
+    return stages(image, jnp.arange(1, 4), lambda index: index > hue_stage)  # 0 never follows
 
 
 def blur_kernel(sigma: Array, radius: int, dtype: jnp.dtype = jnp.float32) -> Array:
