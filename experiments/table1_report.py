@@ -1,8 +1,9 @@
 """Table 1 at CPU scale, computed from its run records (written by experiments.reproduce_table1).
 
 Records in the results folder: `select_<dataset>_<method>.json` (the local-split selection on
-that dataset: every candidate's scores and collapse monitor, and the choice), `<dataset>_<method>_seed<k>.json` (a pretraining run probed
-on val) and `<dataset>_random_init_seed<k>.json`. From them: per cell mean +- std over seeds,
+that dataset: every candidate's scores and collapse monitor, and the choice),
+`<dataset>_<method>_seed<k>.json` (a pretraining run probed on val) and
+`<dataset>_random_init_seed<k>.json`. From them: per cell mean +- std over seeds,
 the paired difference VI-SimSiam - SimSiam (same seed) with its 95% t interval, and each
 method's gain over the random-init encoder of the same seed against the learning targets, and
 each run's scores with its collapse monitor (z_std during pretraining).
@@ -76,6 +77,8 @@ def summarize(results_dir: str) -> dict[str, Any]:
     for record in load_runs(results_dir):
         cell = runs.setdefault(record["dataset"], {}).setdefault(record["method"], {})
         cell[record["seed"]] = {metric: record["probe"][metric] for metric in METRICS}
+        cell[record["seed"]].update(learning_rate=record.get("learning_rate"),
+                                    num_epochs=record.get("num_epochs"))
         cell[record["seed"]]["z_std"] = collapse_monitor(record.get("curves", []))
     cells, differences, gains = {}, {}, {}
     for dataset, methods in runs.items():
@@ -157,27 +160,50 @@ def _run(run: dict[str, Any] | None) -> str:
     return text
 
 
-def verdict(dataset: str, difference: dict[str, dict[str, Any]]) -> str:
-    """VI-SimSiam - SimSiam on one dataset in words: which way the top-1 interval points."""
-    top1, knn = difference["top1"], difference["knn_top1"]
+def _settings(runs: dict[int, dict[str, Any]]) -> str:
+    """The learning rate(s) and epochs a cell's runs used."""
+    return ", ".join(f"lr {lr:g} x {epochs} epochs" for lr, epochs in
+                     sorted({(r["learning_rate"], r["num_epochs"]) for r in runs.values()}))
+
+
+def verdict(dataset: str, summary: dict[str, Any]) -> str:
+    """One dataset in a paragraph: the settings, which way the paired top-1 interval points,
+    whether it holds the paper's difference, kNN, and the learning targets per method."""
+    top1, knn = (summary["differences"][dataset][m] for m in ("top1", "knn_top1"))
     if top1["n"] < 2:
-        return f"- {dataset}: {top1['n']} paired seed, no interval yet."
+        return f"**{dataset}**: {top1['n']} paired seed, no interval yet."
+    runs = summary["runs"][dataset]
+    settings = "; ".join(f"{METHOD_NAMES[m]} {_settings(runs[m])}"
+                         for m in ("simsiam", "vi_simsiam"))
     low, high = top1["interval"]
     if low > 0:
-        words = "VI-SimSiam is ahead of SimSiam"
+        words = "the interval excludes 0: VI-SimSiam is ahead of SimSiam"
     elif high < 0:
-        words = "SimSiam is ahead of VI-SimSiam"
+        words = "the interval excludes 0: SimSiam is ahead of VI-SimSiam"
     else:
-        words = "the difference is not resolved (its interval contains 0)"
+        words = "the interval contains 0: the difference is not resolved"
+    text = (f"**{dataset}** ({top1['n']} paired seeds; {settings}): VI-SimSiam − SimSiam "
+            f"linear-probe top-1 {_interval(top1)}; {words}")
     paper = PAPER.get(dataset)
-    paper = (f"; the paper's: {paper['vi_simsiam'][0] - paper['simsiam'][0]:+.2f}" if paper
-             else "")
-    return (f"- {dataset}, {top1['n']} paired seeds: on linear-probe top-1 {words}: "
-            f"{_interval(top1)} points (kNN top-1 {_interval(knn)}){paper}.")
+    if paper:
+        paper = paper["vi_simsiam"][0] - paper["simsiam"][0]
+        holds = "contains" if low <= paper <= high else "does not contain"
+        text += f"; it {holds} the paper's {paper:+.2f}"
+    text += f". kNN top-1: {_interval(knn)}."
+    gains = summary["gains"].get(dataset, {})
+    if gains:
+        text += (" Learning targets (gain over the random-init encoder of the same seed: "
+                 f"top-1 +{TARGETS['top1']:g}, kNN +{TARGETS['knn_top1']:g}): " + "; ".join(
+                     f"{METHOD_NAMES[method]} " + ", ".join(
+                         f"{'met' if gain[m]['met'] else 'missed'} {METRICS[m]} "
+                         f"({gain[m]['mean']:+.2f})" for m in TARGETS)
+                     for method, gain in gains.items()) + ".")
+    return text
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The README's small table: top-1 of both methods and their paired difference."""
+    """The README's Table 1: top-1 of both methods, their paired difference, and the verdict
+    on each dataset."""
     lines = ["| dataset | seeds | SimSiam top-1 | VI-SimSiam top-1 | VI-SimSiam − SimSiam "
              "[95% CI] | the paper's difference |", "|---|---|---|---|---|---|"]
     for dataset, difference in summary["differences"].items():
@@ -188,6 +214,9 @@ def headline(summary: dict[str, Any]) -> str:
                      f"{_mean_std(cells['simsiam']['top1'])} | "
                      f"{_mean_std(cells['vi_simsiam']['top1'])} | "
                      f"{_interval(difference['top1'])} | {paper} |")
+    lines += ["", "Linear-probe top-1, mean ± sd over seeds; the difference paired by seed with "
+              "its 95% t interval.", ""]
+    lines.append("\n\n".join(verdict(dataset, summary) for dataset in summary["differences"]))
     return "\n".join(lines) + "\n"
 
 
@@ -211,8 +240,7 @@ def markdown(summary: dict[str, Any]) -> str:
                          " | ".join(_interval(difference[m]) for m in METRICS) + f" | {paper} |")
     if summary["differences"]:
         lines += ["", "VI-SimSiam − SimSiam, paired by seed, mean [95% CI]:", ""]
-        lines += [verdict(dataset, difference)
-                  for dataset, difference in summary["differences"].items()]
+        lines.append("\n\n".join(verdict(dataset, summary) for dataset in summary["differences"]))
     lines += ["", "Gain over the random-init encoder of the same seed, mean [95% CI], against "
               "the targets (top-1 +10, kNN +5):", "",
               "| dataset | method | top-1 gain | kNN top-1 gain | targets met |",

@@ -46,7 +46,8 @@ def _record(path, dataset, method, seed, top1, knn):
             row["z_std"] = 0.4 if row["step"] == 30 else 0.9 + row["step"] / 600
     path.write_text(json.dumps({"dataset": dataset, "method": method, "seed": seed,
                                 "workdir": f"runs/{method}{seed}", "curves": curves,
-                                "config": {"batch_size": 64},
+                                "config": {"batch_size": 64}, "learning_rate": 0.1,
+                                "num_epochs": 6,
                                 "probe": {"top1": top1, "top5": top1 + 40, "knn_top1": knn}}))
 
 
@@ -66,20 +67,31 @@ def test_summary_differences_and_targets(tmp_path):
     table = table1_report.markdown(summary)
     assert "| d | VI-SimSiam − SimSiam, mean [95% CI] | 3 | +6.00 [" in table
     assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
-    assert "- d, 3 paired seeds: on linear-probe top-1 VI-SimSiam is ahead of SimSiam: +6.00 [" \
-        in table
+    assert ("**d** (3 paired seeds; SimSiam lr 0.1 x 6 epochs; VI-SimSiam lr 0.1 x 6 epochs): "
+            "VI-SimSiam − SimSiam linear-probe top-1 +6.00 [") in table
+    assert ("the interval excludes 0: VI-SimSiam is ahead of SimSiam. kNN top-1: -2.00 "
+            "[-2.00, -2.00]. Learning targets (gain over the random-init encoder of the same "
+            "seed: top-1 +10, kNN +5): SimSiam missed top-1 (+9.00), met kNN top-1 (+6.00); "
+            "VI-SimSiam met top-1 (+15.00), missed kNN top-1 (+4.00).") in table
     assert ("| d | 1 | 39.00 / 26.00; z_std 0.40 @ 30 → 1.00 | 45.00 / 24.00; z_std 0.40 @ 30 "
             "→ 1.00 | 30.00 / 20.00 |") in table
 
 
 def test_verdict_follows_the_interval():
-    def difference(low, high, n=3):
-        return {m: {"n": n, "mean": (low + high) / 2, "interval": [low, high]}
-                for m in ("top1", "knn_top1")}
+    def summary(dataset, low, high, n=3):
+        difference = {m: {"n": n, "mean": (low + high) / 2, "interval": [low, high]}
+                      for m in ("top1", "knn_top1")}
+        runs = {m: {0: {"learning_rate": 0.5, "num_epochs": 12}}
+                for m in ("simsiam", "vi_simsiam")}
+        return {"differences": {dataset: difference}, "runs": {dataset: runs}, "gains": {}}
 
-    assert "SimSiam is ahead of VI-SimSiam: -2.00 [-3.00, -1.00]" in table1_report.verdict(
-        "d", difference(-3.0, -1.0))
-    unresolved = table1_report.verdict("imagewoof", difference(-1.0, 3.0))
-    assert "not resolved" in unresolved and unresolved.endswith("the paper's: +6.06.")
-    assert "no interval yet" in table1_report.verdict("d", difference(1.0, 1.0, n=1))
-
+    behind = table1_report.verdict("d", summary("d", -3.0, -1.0))
+    assert "-2.00 [-3.00, -1.00]; the interval excludes 0: SimSiam is ahead of VI-SimSiam" \
+        in behind
+    assert "paper" not in behind and "targets" not in behind
+    unresolved = table1_report.verdict("imagewoof", summary("imagewoof", -1.0, 3.0))
+    assert "contains 0: the difference is not resolved; it does not contain the paper's +6.06" \
+        in unresolved
+    assert "it contains the paper's +6.06" in table1_report.verdict(
+        "imagewoof", summary("imagewoof", 1.0, 7.0))
+    assert "no interval yet" in table1_report.verdict("d", summary("d", 1.0, 1.0, n=1))
