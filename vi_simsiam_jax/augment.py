@@ -228,6 +228,7 @@ def color_jitter(image: Array, factors: Array, order: Array) -> Array:
     (benchmarks/README.md, "Demo config: step and loop").
     """
     hue_stage = jnp.argmax(order == 3)
+    image = image.astype(jnp.result_type(image, factors))  # one dtype through the scan carry
 
     def stages(image: Array, indices: Array, runs: Callable[[Array], Array]) -> Array:
         def stage(image: Array, index: Array) -> tuple[Array, None]:
