@@ -160,6 +160,12 @@ def _run(run: dict[str, Any] | None) -> str:
     return text
 
 
+def _paper_difference(dataset: str, metric: int = 0) -> float | None:
+    """The paper's VI-SimSiam - SimSiam on a dataset (metric 0: top-1, 1: top-5), if it has one."""
+    paper = PAPER.get(dataset)
+    return paper["vi_simsiam"][metric] - paper["simsiam"][metric] if paper else None
+
+
 def _settings(runs: dict[int, dict[str, Any]]) -> str:
     """The learning rate(s) and epochs a cell's runs used."""
     return ", ".join(f"lr {lr:g} x {epochs} epochs" for lr, epochs in
@@ -184,9 +190,8 @@ def verdict(dataset: str, summary: dict[str, Any]) -> str:
         words = "the interval contains 0: the difference is not resolved"
     text = (f"**{dataset}** ({top1['n']} paired seeds; {settings}): VI-SimSiam − SimSiam "
             f"linear-probe top-1 {_interval(top1)}; {words}")
-    paper = PAPER.get(dataset)
-    if paper:
-        paper = paper["vi_simsiam"][0] - paper["simsiam"][0]
+    paper = _paper_difference(dataset)
+    if paper is not None:
         holds = "contains" if low <= paper <= high else "does not contain"
         text += f"; it {holds} the paper's {paper:+.2f}"
     text += f". kNN top-1: {_interval(knn)}."
@@ -208,8 +213,8 @@ def headline(summary: dict[str, Any]) -> str:
              "[95% CI] | the paper's difference |", "|---|---|---|---|---|---|"]
     for dataset, difference in summary["differences"].items():
         cells = summary["cells"][dataset]
-        paper = PAPER.get(dataset)
-        paper = f"{paper['vi_simsiam'][0] - paper['simsiam'][0]:+.2f}" if paper else ""
+        paper = _paper_difference(dataset)
+        paper = "" if paper is None else f"{paper:+.2f}"
         lines.append(f"| {dataset} | {difference['top1']['n']} | "
                      f"{_mean_std(cells['simsiam']['top1'])} | "
                      f"{_mean_std(cells['vi_simsiam']['top1'])} | "
@@ -232,9 +237,8 @@ def markdown(summary: dict[str, Any]) -> str:
                          " | ".join(_mean_std(cell[m]) for m in METRICS) + f" | {paper} |")
         if dataset in summary["differences"]:
             difference = summary["differences"][dataset]
-            paper = PAPER.get(dataset)
-            paper = (f"{paper['vi_simsiam'][0] - paper['simsiam'][0]:+.2f} / "
-                     f"{paper['vi_simsiam'][1] - paper['simsiam'][1]:+.2f}" if paper else "")
+            paper = ("" if dataset not in PAPER else " / ".join(
+                f"{_paper_difference(dataset, metric):+.2f}" for metric in (0, 1)))
             lines.append(f"| {dataset} | VI-SimSiam − SimSiam, mean [95% CI] | "
                          f"{difference['top1']['n']} | " +
                          " | ".join(_interval(difference[m]) for m in METRICS) + f" | {paper} |")
