@@ -1,4 +1,5 @@
-"""The selection protocol shared by experiments.tune_lr and experiments.reproduce_table1.
+"""The selection protocol shared by experiments.tune_lr, experiments.reproduce_table1 and
+experiments.confirm_table1, and Table 1's report files.
 
 Hyper-parameters are chosen by the linear probe on the local split of train (paper Sec. 6.1: the
 head is fit on 80% of train and scored on the other 20%; no val image is encoded); val is read
@@ -16,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import reporting
+from experiments import readme_blocks, reporting, table1_report
 from vi_simsiam_jax import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -118,3 +119,16 @@ def pretrain_and_probe(config: ml_collections.ConfigDict, workdir: str,
 def write_json(path: str, record: dict[str, Any]) -> None:
     """Writes a record atomically (`reporting.write_json`), one space of indent."""
     reporting.write_json(path, record, indent=1)
+
+
+def write_table1_report(results_dir: str, readme: str = "") -> str:
+    """Table 1's report from the records in results_dir: table1.json and table1.md there and,
+    if `readme` is given, its table1 block; returns the markdown."""
+    summary = table1_report.summarize(results_dir)
+    table = table1_report.markdown(summary)
+    write_json(os.path.join(results_dir, "table1.json"), summary)
+    with open(os.path.join(results_dir, "table1.md"), "w") as f:
+        f.write(table)
+    if readme:
+        readme_blocks.write(readme, "table1", table)
+    return table

@@ -43,7 +43,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import protocol, readme_blocks, table1_report  # noqa: E402
+from experiments import protocol, table1_report  # noqa: E402
 from vi_simsiam_jax import checkpoints  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -213,14 +213,7 @@ def plot_curves(results_dir: str, path: str) -> None:
 
 
 def report() -> str:
-    summary = table1_report.summarize(_RESULTS.value)
-    table = table1_report.markdown(summary)
-    protocol.write_json(os.path.join(_RESULTS.value, "table1.json"), summary)
-    with open(os.path.join(_RESULTS.value, "table1.md"), "w") as f:
-        f.write(table)
-    if _README.value:
-        readme_blocks.write(_README.value, "table1", table)
-    return table
+    return protocol.write_table1_report(_RESULTS.value, _README.value)
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,7 @@
-"""The statistics of Table 1: mean +- std, paired t intervals, learning targets."""
+"""The statistics of Table 1: mean +- std, paired t intervals, the Wilcoxon p and bootstrap
+interval, leave-one-out, learning targets, the sensitivity arm and its verdict."""
 
+import itertools
 import json
 import math
 
@@ -31,7 +33,7 @@ def test_interval_covers_the_mean_at_its_confidence():
     rng = np.random.default_rng(0)
     draws = rng.normal(1.5, 2.0, size=(4000, 3))
     covered = [low <= 1.5 <= high for low, high in
-               (statistics.paired_difference(dict(enumerate(d)), {0: 0, 1: 0, 2: 0})["interval"]
+               (statistics.paired_t(dict(enumerate(d)), {0: 0, 1: 0, 2: 0})["interval"]
                 for d in draws)]
     assert abs(np.mean(covered) - 0.95) < 0.015
 
@@ -69,21 +71,30 @@ def test_summary_differences_and_targets(tmp_path):
     assert "| d | SimSiam | 3 | 39.00 ± 1.00 | 79.00 ± 1.00 | 26.00 ± 0.00 |  |" in table
     assert ("**d** (3 paired seeds; SimSiam lr 0.1 x 6 epochs; VI-SimSiam lr 0.1 x 6 epochs): "
             "VI-SimSiam − SimSiam linear-probe top-1 +6.00 [") in table
-    assert ("the interval excludes 0: VI-SimSiam is ahead of SimSiam. kNN top-1: -2.00 "
-            "[-2.00, -2.00]. Learning targets (gain over the random-init encoder of the same "
+    assert ("the interval excludes 0: VI-SimSiam is ahead of SimSiam. Wilcoxon signed-rank p "
+            "= 0.2500 (exact), paired bootstrap 95% CI [+5.00, +7.00]; the verdict changes with "
+            "any one of seeds 0, 1 left out; the Wilcoxon p or the bootstrap disagrees: the "
+            "verdict rests on the t interval alone. kNN top-1: -2.00 [-2.00, -2.00]. Collapsed runs (lowest "
+            "z_std below 0.5): SimSiam seeds 0, 1, 2; VI-SimSiam seeds 0, 1, 2. Learning targets (gain over the random-init encoder of the same "
             "seed: top-1 +10, kNN +5): SimSiam missed top-1 (+9.00), met kNN top-1 (+6.00); "
             "VI-SimSiam met top-1 (+15.00), missed kNN top-1 (+4.00).") in table
-    assert ("| d | 1 | 39.00 / 26.00; z_std 0.40 @ 30 → 1.00 | 45.00 / 24.00; z_std 0.40 @ 30 "
-            "→ 1.00 | 30.00 / 20.00 |") in table
+    assert ("| d | 1 | 39.00 / 26.00; z_std 0.40 @ 30 → 1.00 (collapsed) | 45.00 / 24.00; "
+            "z_std 0.40 @ 30 → 1.00 (collapsed) | 30.00 / 20.00 |") in table
+    assert summary["collapsed"]["d"] == {"simsiam": [0, 1, 2], "vi_simsiam": [0, 1, 2]}
+    # 6 points every seed: Wilcoxon's smallest p for 3 seeds, 2 / 2^3; a point bootstrap.
+    assert summary["differences"]["d"]["top1"]["wilcoxon_p"] == 0.25
+    assert summary["differences"]["d"]["knn_top1"]["bootstrap_interval"] == [-2.0, -2.0]
 
 
 def test_verdict_follows_the_interval():
     def summary(dataset, low, high, n=3):
-        difference = {m: {"n": n, "mean": (low + high) / 2, "interval": [low, high]}
+        difference = {m: {"n": n, "mean": (low + high) / 2, "interval": [low, high],
+                          "wilcoxon_p": 0.25, "bootstrap_interval": [low, high]}
                       for m in ("top1", "knn_top1")}
         runs = {m: {0: {"learning_rate": 0.5, "num_epochs": 12}}
                 for m in ("simsiam", "vi_simsiam")}
-        return {"differences": {dataset: difference}, "runs": {dataset: runs}, "gains": {}}
+        return {"differences": {dataset: difference}, "runs": {dataset: runs}, "gains": {},
+                "collapsed": {dataset: {}}, "sensitivity": {}}
 
     behind = table1_report.verdict("d", summary("d", -3.0, -1.0))
     assert "-2.00 [-3.00, -1.00]; the interval excludes 0: SimSiam is ahead of VI-SimSiam" \
@@ -95,3 +106,92 @@ def test_verdict_follows_the_interval():
     assert "it contains the paper's +6.06" in table1_report.verdict(
         "imagewoof", summary("imagewoof", 1.0, 7.0))
     assert "no interval yet" in table1_report.verdict("d", summary("d", 1.0, 1.0, n=1))
+
+
+def _signed_rank_p(differences):
+    """Wilcoxon's exact two-sided p from its definition: the share of the 2^n sign assignments
+    of the ranks of |d| whose positive-rank sum is at least as far from n(n+1)/4 as observed."""
+    ranks = np.argsort(np.argsort(np.abs(differences))) + 1  # no ties in the data used
+    observed = ranks[differences > 0].sum()
+    centre = ranks.sum() / 2
+    sums = [sum(r for r, sign in zip(ranks, signs) if sign)
+            for signs in itertools.product([0, 1], repeat=len(ranks))]
+    return np.mean([abs(t - centre) >= abs(observed - centre) for t in sums])
+
+
+def test_wilcoxon_p_is_exact():
+    # One negative difference, the smallest in size: T = 1 of 21, p = 2 * 2 / 64.
+    six = np.array([5.22, 1.32, 7.79, 4.22, 3.16, -0.89])
+    assert statistics.wilcoxon_p(six) == 0.0625
+    rng = np.random.default_rng(1)
+    for n in (5, 8, 12):
+        differences = rng.normal(0.5, 1.0, n)
+        assert statistics.wilcoxon_p(differences) == pytest.approx(
+            _signed_rank_p(differences), rel=1e-12)
+    assert statistics.wilcoxon_p(np.zeros(4)) == 1.0
+    # Zero differences are dropped (Wilcoxon's convention): as if only the 3 others were there.
+    assert statistics.wilcoxon_p(np.array([0.0, 1.0, 2.0, 3.0])) == 0.25
+
+
+def test_bootstrap_interval_is_reproducible_and_covers():
+    """The BCa interval is the same on every call (fixed generator), brackets the mean, and
+    for normal differences covers the true mean about as often as its confidence (Monte
+    Carlo, 400 draws of 12: binomial std of the rate 1.1%; BCa runs a little under at n=12)."""
+    differences = np.array([5.22, 1.32, 7.79, 4.22, 3.16, -0.89])
+    first = statistics.bootstrap_interval(differences, 0.95)
+    assert first == statistics.bootstrap_interval(differences, 0.95)
+    assert first[0] < differences.mean() < first[1]
+    rng = np.random.default_rng(0)
+    covered = [low <= 1.0 <= high for low, high in
+               (statistics.bootstrap_interval(rng.normal(1.0, 2.0, 12), 0.95)
+                for _ in range(400))]
+    assert 0.88 < np.mean(covered) < 0.99
+
+
+def test_leave_one_out_and_confirmation_seeds():
+    simsiam = {seed: {"top1": 30.0, "top5": 0.0, "knn_top1": 0.0} for seed in range(8)}
+    vi_simsiam = {seed: {**simsiam[seed], "top1": 30.0 + d}
+                  for seed, d in enumerate([2.0, 2.5, 3.0, 2.2, 2.8, 2.4, 4.0, -15.0])}
+    top1 = table1_report.compare(vi_simsiam, simsiam)["top1"]
+    assert table1_report.direction(top1["interval"]) == "not resolved"
+    # Only without seed 7 (the -15) do the others exclude 0.
+    assert top1["leave_one_out"]["changes_verdict"] == [7]
+    assert top1["confirmation_seeds"]["seeds"] == [6, 7]
+    assert top1["confirmation_seeds"]["mean"] == -5.5
+
+
+def test_sensitivity_arm_and_a_verdict_that_depends_on_the_rate(tmp_path):
+    (tmp_path / table1_report.SENSITIVITY_DIR).mkdir()
+    for seed in range(4):
+        _record(tmp_path / f"imagewoof_simsiam_seed{seed}.json", "imagewoof", "simsiam", seed,
+                20 + seed % 2, 18)
+        _record(tmp_path / f"imagewoof_vi_simsiam_seed{seed}.json", "imagewoof", "vi_simsiam",
+                seed, 25 + seed % 2 / 2, 20)
+        # The sensitivity arm's SimSiam is as good as VI-SimSiam, give or take a point.
+        path = tmp_path / table1_report.SENSITIVITY_DIR / f"imagewoof_simsiam_seed{seed}.json"
+        _record(path, "imagewoof", "simsiam", seed, 25 + (-1) ** seed, 21)
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "learning_rate": 0.05,
+                                    "workdir": f"runs/sensitivity{seed}"}))
+    summary = table1_report.summarize(str(tmp_path))
+    arm = summary["sensitivity"]["imagewoof"]
+    assert arm["cell"]["top1"]["mean"] == 25.0 and arm["collapsed"] == [0, 1, 2, 3]
+    assert arm["differences"]["top1"]["mean"] == 0.25
+    assert summary["compute"]["pretraining_runs"] == 12
+    text = table1_report.verdict("imagewoof", summary)
+    assert ("Sensitivity arm, SimSiam at lr 0.05 x 6 epochs (4 paired seeds): VI-SimSiam − "
+            "SimSiam top-1 +0.25 [") in text
+    assert "the interval contains 0: the difference is not resolved" in text
+    assert "so the imagewoof verdict depends on SimSiam's learning rate." in text
+    headline = table1_report.headline(summary)
+    assert headline.startswith(
+        "**Verdict** (VI-SimSiam − SimSiam, linear-probe top-1, 95% t interval): imagewoof: "
+        "VI-SimSiam ahead with SimSiam at lr 0.1, not resolved at lr 0.05 (the verdict depends "
+        "on SimSiam's learning rate).")
+    assert "| imagewoof | 0.05 (sensitivity) | 4 | 25.00 ± 1.15 | 25.25 ± 0.29 | +0.25 [" \
+        in headline
+    table = table1_report.markdown(summary)
+    assert "| imagewoof | SimSiam lr 0.05 (sensitivity) | 4 | 25.00 ± 1.15 |" in table
+    assert ("| imagewoof | 3 | 21.00 / 18.00; z_std 0.40 @ 30 → 1.00 (collapsed) | 25.50 / "
+            "20.00; z_std 0.40 @ 30 → 1.00 (collapsed) |  | 24.00 / 21.00; z_std 0.40 @ 30 → "
+            "1.00 (collapsed) |") in table
