@@ -11,7 +11,8 @@ Writes to --output_dir (default workdir/ood_analysis):
 - corruptions.png: probe top-1, median kappa and the AUROC of kappa for clean vs corrupted val
   images against severity, for each of --corruptions (ImageNet-C parameters, see
   vi_simsiam_jax/evaluation/corruptions.py);
-- ood.json: every number (AUROC and FPR at 95% TPR per score, per-severity statistics).
+- ood.json: every number (AUROC and FPR at 95% TPR per score, per-severity statistics), the
+  workdir, the run record under results/ that names it (if any) and the code's git commit.
 The linear probe (--config, as experiments.linear_probe) is fit first; its head, scored images
 and training features are handed to the analysis in memory. The tables of results/README.md are
 made from saved ood.json files by experiments.results_readme.
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> None:
     analysis = ood_report.analyze(frozen, result, train, ood=ood, corruptions=_CORRUPTIONS.value,
                                   severities=severities)
     summary = reporting.write_ood_analysis(
-        analysis, _OUTPUT_DIR.value or os.path.join(workdir, "ood_analysis"))
+        analysis, workdir, _OUTPUT_DIR.value or os.path.join(workdir, "ood_analysis"))
     shown = {k: summary[k] for k in ("step", "method", "clean", "files")}
     if "ood" in summary:
         shown["ood"] = summary["ood"]

@@ -29,8 +29,9 @@ The protocol, committed before any of its runs; each record it adds names that c
 
 Runs are made in <code>/runs/table1_six_seeds like the six-seed ones and resume from their
 checkpoints. Each finished record is copied into --results with `protocol_commit`, `arm` and
-`host_cpu` (the machine that finished it) added, after checking that the protocol's code, rate and source images made it; a rerun skips
-finished records. --dry_run lists the pending runs and their commands.
+`host_cpu` (the machine that finished it) added, after checking that the protocol's code,
+rate, epochs and source images made it; a rerun skips finished records. --dry_run lists the
+pending runs and their commands.
 """
 
 import dataclasses

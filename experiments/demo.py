@@ -19,7 +19,6 @@ launch.configure(__name__)  # first: it may restart the process, and XLA reads i
 
 import json
 import os
-import pathlib
 import shutil
 import time
 
@@ -38,7 +37,6 @@ _PROBE_CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 _PUBLISH = flags.DEFINE_bool("publish", False, "Also copy the report to results/demo/ and "
                              "regenerate the README's demo block from it.")
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _accuracy(result: dict) -> dict[str, float]:
@@ -95,10 +93,10 @@ def main(argv: list[str]) -> None:
           f"prediction: {kappa['auroc_kappa']}")
     print(f"  figures: {os.path.dirname(kappa['files']['summary'])}")
     if _PUBLISH.value:
-        results = _REPO / "results" / "demo"
+        results = reporting.REPO / "results" / "demo"
         for name in demo_report.PUBLISHED_FILES:
             shutil.copy(os.path.join(workdir, name), results / os.path.basename(name))
-        readme_blocks.write(str(_REPO / "README.md"), demo_report.README_BLOCK,
+        readme_blocks.write(str(reporting.REPO / "README.md"), demo_report.README_BLOCK,
                             demo_report.markdown(report))
         print(f"  published to {results} and README.md")
 

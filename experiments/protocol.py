@@ -10,29 +10,19 @@ scores, per-step training curves, the config and the git commit.
 import json
 import math
 import os
-import pathlib
-import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
 from experiments import readme_blocks, reporting, table1_report
+from experiments.reporting import REPO, git_commit, relative_to_repo, resolve  # noqa: F401
 from vi_simsiam_jax import loop
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCORES = ("top1", "top5", "knn_top1", "learning_rate", "lr_sweep_local_val_top1")
 # The training-curve fields kept from metrics.jsonl (kappa only for the VI methods).
 CURVE_FIELDS = ("step", "epoch", "loss", "cosine", "kappa_mean", "kappa_std", "z_std",
                 "learning_rate", "images_per_sec")
-
-
-def git_commit() -> str:
-    """HEAD's commit, "-dirty" appended when tracked files differ from it."""
-    result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
-                            capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    return result.stdout.strip() or "unknown"
 
 
 def local_probe_config(probe_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -62,18 +52,6 @@ def training_curves(workdir: str) -> list[dict[str, float]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = {row["step"]: row for row in map(json.loads, f) if "loss" in row}
     return [{k: row[k] for k in CURVE_FIELDS if k in row} for _, row in sorted(rows.items())]
-
-
-def relative_to_repo(path: str) -> str:
-    """path relative to the repository when it lies inside it (records name no machine's
-    absolute paths), else as given."""
-    absolute = pathlib.Path(path).resolve()
-    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else path
-
-
-def resolve(path: str) -> str:
-    """A recorded path: relative ones lie in the repository."""
-    return path if os.path.isabs(path) else str(REPO / path)
 
 
 def choose_learning_rate(grid: Sequence[float], score: Callable[[float], float],

@@ -9,6 +9,8 @@ VI-SimSiam, kappa), kappa_analysis/ and ood_analysis/.
 
 import json
 import os
+import pathlib
+import subprocess
 from typing import Any
 
 import ml_collections
@@ -19,6 +21,26 @@ from vi_simsiam_jax import datasets
 from vi_simsiam_jax.evaluation import encoder, kappa_report, linear_probe, ood_report
 
 PREDICTIONS_SUFFIX = "_predictions.npz"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """HEAD's commit, "-dirty" appended when tracked files differ from it."""
+    result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                            capture_output=True, text=True, cwd=REPO)
+    return result.stdout.strip() or "unknown"
+
+
+def relative_to_repo(path: str) -> str:
+    """path relative to the repository when it lies inside it (records name no machine's
+    absolute paths), else as given."""
+    absolute = pathlib.Path(path).resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else path
+
+
+def resolve(path: str) -> str:
+    """A recorded path: relative ones lie in the repository."""
+    return path if os.path.isabs(path) else str(REPO / path)
 
 
 def write_json(path: str, data: Any, indent: int = 2) -> None:
@@ -44,7 +66,7 @@ def write_probe(result: linear_probe.ProbeResult, workdir: str, output: str) -> 
     """Writes the probe's JSON to `output` and its per-image predictions beside it; returns the
     JSON written."""
     predictions = os.path.splitext(output)[0] + PREDICTIONS_SUFFIX
-    written = {"workdir": os.path.abspath(workdir), **result.metrics, "output": output,
+    written = {"workdir": relative_to_repo(workdir), **result.metrics, "output": output,
                "predictions": predictions}
     scored = result.scored
     arrays = {"logits": result.logits, "labels": scored.labels,
@@ -97,11 +119,25 @@ def write_kappa_analysis(frozen: encoder.FrozenEncoder, result: linear_probe.Pro
     return summary
 
 
-def write_ood_analysis(analysis: ood_report.OodAnalysis, output_dir: str) -> dict[str, Any]:
-    """The OOD analysis's figures and ood.json in output_dir; returns the summary with the paths
-    written."""
+def run_record(workdir: str) -> str | None:
+    """The committed run record under results/ of the pretraining in workdir (its "workdir"
+    field, repository-relative, names it), if there is one."""
+    workdir = relative_to_repo(workdir)
+    for path in sorted(REPO.glob("results/**/*.json")):
+        with open(path) as f:
+            record = json.load(f)
+        if isinstance(record, dict) and record.get("workdir") == workdir:
+            return str(path.relative_to(REPO))
+    return None
+
+
+def write_ood_analysis(analysis: ood_report.OodAnalysis, workdir: str, output_dir: str
+                       ) -> dict[str, Any]:
+    """The OOD analysis's figures and ood.json in output_dir, with what it analysed (workdir,
+    its run record) and the code commit; returns the summary with the paths written."""
     os.makedirs(output_dir, exist_ok=True)
-    summary = dict(analysis.summary)
+    summary = {**analysis.summary, "workdir": relative_to_repo(workdir),
+               "encoder_record": run_record(workdir), "git_commit": git_commit()}
     summary["files"] = {**figures.ood_figures(analysis, output_dir),
                         "summary": os.path.join(output_dir, "ood.json")}
     write_json(summary["files"]["summary"], summary)

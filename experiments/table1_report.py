@@ -365,7 +365,7 @@ def headline(summary: dict[str, Any]) -> str:
             if direction(arm["interval"]) != direction(difference["top1"]["interval"]):
                 text += " (the verdict depends on SimSiam's learning rate)"
         verdicts.append(text)
-    lines = [f"**Verdict** (VI-SimSiam − SimSiam, linear-probe top-1, 95% t interval): "
+    lines = ["**Verdict** (VI-SimSiam − SimSiam, linear-probe top-1, 95% t interval): "
              + "; ".join(verdicts) + ".", "",
              "| dataset | SimSiam lr | seeds | SimSiam top-1 | VI-SimSiam top-1 | VI-SimSiam − "
              "SimSiam [95% t CI] | bootstrap 95% CI | Wilcoxon p | the paper's difference |",

@@ -223,7 +223,9 @@ def test_ood_analysis_writes_figures_and_json(saved, probed, tmp_path):
     analysis = ood_report.analyze(
         frozen, in_memory, train, ood=ood_report.load_ood_examples(str(other), frozen.config),
         corruptions=("contrast",), severities=(1, 5))
-    summary = reporting.write_ood_analysis(analysis, str(tmp_path / "out"))
+    summary = reporting.write_ood_analysis(analysis, written["workdir"], str(tmp_path / "out"))
+    assert summary["workdir"] == written["workdir"] and summary["encoder_record"] is None
+    assert summary["git_commit"] == reporting.git_commit()
     for path in summary["files"].values():
         assert os.path.getsize(path) > 0
     with open(summary["files"]["summary"]) as f:

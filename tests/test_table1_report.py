@@ -74,8 +74,9 @@ def test_summary_differences_and_targets(tmp_path):
     assert ("the interval excludes 0: VI-SimSiam is ahead of SimSiam. Wilcoxon signed-rank p "
             "= 0.2500 (exact), paired bootstrap 95% CI [+5.00, +7.00]; the verdict changes with "
             "any one of seeds 0, 1 left out; the Wilcoxon p or the bootstrap disagrees: the "
-            "verdict rests on the t interval alone. kNN top-1: -2.00 [-2.00, -2.00]. Collapsed runs (lowest "
-            "z_std below 0.5): SimSiam seeds 0, 1, 2; VI-SimSiam seeds 0, 1, 2. Learning targets (gain over the random-init encoder of the same "
+            "verdict rests on the t interval alone. kNN top-1: -2.00 [-2.00, -2.00]. Collapsed "
+            "runs (lowest z_std below 0.5): SimSiam seeds 0, 1, 2; VI-SimSiam seeds 0, 1, 2. "
+            "Learning targets (gain over the random-init encoder of the same "
             "seed: top-1 +10, kNN +5): SimSiam missed top-1 (+9.00), met kNN top-1 (+6.00); "
             "VI-SimSiam met top-1 (+15.00), missed kNN top-1 (+4.00).") in table
     assert ("| d | 1 | 39.00 / 26.00; z_std 0.40 @ 30 → 1.00 (collapsed) | 45.00 / 24.00; "
