@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED_DATASETS ?= $(abspath ../shared/datasets)
 
-.PHONY: install test test-portable test-newest demo clean
+.PHONY: install test test-portable test-newest demo compile-tpu clean
 
 install: $(VENV)/.installed
 
@@ -45,5 +45,20 @@ test-newest:
 demo: install
 	VI_SIMSIAM_DATASETS=$(SHARED_DATASETS) $(PY) -m experiments.demo --workdir=runs/demo
 
+# The paper's steps compiled for TPU topologies on this CPU host, without a TPU
+# (benchmarks/compile_tpu.py): a venv of its own with libtpu (`.[tpu]`, about 700 MB, so not in
+# requirements.txt or CI), JSON per case in results/tpu_compile/, then the README tables.
+TPU_VENV ?= .venv-tpu
+compile-tpu: install
+	test -x $(TPU_VENV)/bin/python || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet -c requirements.txt ".[tpu]"
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m benchmarks.compile_tpu \
+		--output_dir=results/tpu_compile
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m benchmarks.compile_tpu --topologies=v5e:4x4 \
+		--precisions=bfloat16 --batch_sizes=256 --steps=pretrain --largest_batch= \
+		--output_dir=results/tpu_compile
+	$(PY) -m experiments.results_readme
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache

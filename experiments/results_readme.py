@@ -104,6 +104,39 @@ def ood_headline(results: pathlib.Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def tpu_compile_table(results: pathlib.Path, steps: Sequence[str] = ("pretrain",),
+                      generation: str = "") -> str:
+    """The TPU compilations of results/tpu_compile/*.json (benchmarks.compile_tpu) of `steps`
+    on topologies starting with `generation`: per case the chips, batch, per-chip memory
+    against HBM and the FLOP-count bounds (estimates, not measurements)."""
+    cases = [_load(pathlib.Path(p)) for p in sorted(glob.glob(
+        os.path.join(results, "tpu_compile", "*.json")))]
+    cases = sorted((c for c in cases
+                    if c["step"] in steps and c["topology"].startswith(generation)),
+                   key=lambda c: (c["step"] != "pretrain", c["topology"], c["chips"],
+                                  c["images_per_step"], c["precision"]))
+    lines = ["| step | topology | chips (hosts) | precision | global / per-chip batch | "
+             "per-chip GB used / HBM | compile s | images/s: bound at peak, estimate at "
+             f"{cases[0]['utilisation']:.0%} | paper run at {cases[0]['utilisation']:.0%} |"
+             if cases else "| step |", "|---" * 9 + "|"]
+    for c in cases:
+        memory = c["per_chip_bytes"]["total"]
+        hours = c.get("paper_run_hours_at_utilisation")
+        largest = c.get("largest_per_chip_batch", {}).get("per_chip_batch")
+        lines.append(
+            f"| {c['step']} | {c['topology']} | {c['chips']} ({c['hosts']}) | {c['precision']} "
+            f"| {c['images_per_step']} / {c['per_chip_batch']}"
+            + (f" (fits up to {largest})" if largest else "") + " | "
+            f"{_gb(memory)} / {_gb(c['hbm_bytes'])} | {c['compile_s']:.0f} | "
+            f"{c['images_per_s_at_peak']:,.0f}, {c['images_per_s_at_utilisation']:,.0f} | "
+            + (f"{hours:.2f} h" if hours is not None else "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
 # (document, block name, the block's contents from the results folder)
 BLOCKS: list[tuple[pathlib.Path, str, Callable[[pathlib.Path], str]]] = [
     (REPO / "README.md", demo_report.README_BLOCK,
@@ -115,6 +148,10 @@ BLOCKS: list[tuple[pathlib.Path, str, Callable[[pathlib.Path], str]]] = [
     (RESULTS / "README.md", "table1", lambda results: table1_report.markdown(
         table1_report.summarize(str(results / "table1")))),
     (RESULTS / "README.md", "ood", ood_tables),
+    (REPO / "README.md", "tpu_compile_headline",
+     lambda results: tpu_compile_table(results, generation="v5e")),
+    (REPO / "benchmarks" / "README.md", "tpu_compile",
+     lambda results: tpu_compile_table(results, ("pretrain", "probe", "features"))),
 ]
 
 

@@ -126,9 +126,11 @@ def configured_pretrain_step(model: models.SiameseNet, config: ml_collections.Co
 
 
 def make_p_train_step(model: models.SiameseNet, config: ml_collections.ConfigDict,
-                      steps_per_epoch: int, *, augment_views: bool = True):
-    """The pretraining step pmapped over local devices, state donated: `pretrain_step` on
-    source images, or with augment_views=False `train_step` on ready views."""
+                      steps_per_epoch: int, *, augment_views: bool = True,
+                      devices: Sequence[jax.Device] | None = None):
+    """The pretraining step pmapped over `devices` (default: every local device), state
+    donated: `pretrain_step` on source images, or with augment_views=False `train_step` on
+    ready views."""
     step = (configured_pretrain_step if augment_views else configured_train_step)(
         model, config, steps_per_epoch)
-    return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
+    return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,), devices=devices)
