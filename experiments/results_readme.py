@@ -120,8 +120,8 @@ def tpu_compile_table(results: pathlib.Path) -> str:
                                   c["images_per_step"], c["precision"]))
     lines = ["| step | topology | chips (hosts) | precision | global / per-chip batch | "
              "per-chip memory / HBM | compile s | images/s: bound at peak, estimate at "
-             f"{cases[0]['utilisation']:.0%} | paper run at {cases[0]['utilisation']:.0%} |"
-             if cases else "| step |", "|---" * 9 + "|"]
+             f"{cases[0]['utilisation']:.0%} | paper run at {cases[0]['utilisation']:.0%} | "
+             "XLA's optimal_seconds |" if cases else "| step |", "|---" * 10 + "|"]
     for c in cases:
         memory = c["per_chip_bytes"]["total"]
         hours = c.get("paper_run_hours_at_utilisation")
@@ -132,7 +132,9 @@ def tpu_compile_table(results: pathlib.Path) -> str:
             + (f" (fits up to {largest})" if largest else "") + " | "
             f"{_size(memory)} / {_size(c['hbm_bytes'])} | {c['compile_s']:.0f} | "
             f"{c['images_per_s_at_peak']:,.0f}, {c['images_per_s_at_utilisation']:,.0f} | "
-            + (f"{hours * 60:.1f} min" if hours is not None else "-") + " |")
+            + (f"{hours * 60:.1f} min" if hours is not None else "-") + " | "
+            + (f"{c['xla_optimal_seconds']:.2g}" if "xla_optimal_seconds" in c else "-")
+            + " |")
     return "\n".join(lines) + "\n"
 
 
