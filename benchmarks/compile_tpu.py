@@ -125,7 +125,7 @@ def pretrain_step(devices: list[jax.Device], batch_size: int, half_precision: bo
     step = train.make_p_train_step(model, config, IMAGENETTE_TRAIN // batch_size,
                                    devices=devices)
     return (lambda: step.lower(state, batch, keys)), {
-        "images_per_step": batch_size, "per_chip_batch": per_device,
+        "chips": n, "images_per_step": batch_size, "per_chip_batch": per_device,
         "views": [list(shape[1:3]) for shape in train_state.view_shapes(config, batch_size)]}
 
 
@@ -142,7 +142,7 @@ def probe_step(devices: list[jax.Device]) -> tuple[Callable[[], Any], dict[str, 
               jax.ShapeDtypeStruct((config.batch_size, features_dim), jnp.float32, sharding=one),
               jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=one))
     return (lambda: linear_probe.head_train_step.lower(*inputs)), {
-        "images_per_step": config.batch_size, "per_chip_batch": config.batch_size}
+        "chips": 1, "images_per_step": config.batch_size, "per_chip_batch": config.batch_size}
 
 
 def features_step(devices: list[jax.Device], half_precision: bool
@@ -160,7 +160,8 @@ def features_step(devices: list[jax.Device], half_precision: bool
                                    config.global_size, 3), jnp.float32,
                                   sharding=NamedSharding(mesh, PartitionSpec("data")))
     return (lambda: encoder.encode.lower(model, variables, images)), {
-        "images_per_step": len(devices) * per_device, "per_chip_batch": per_device}
+        "chips": len(devices), "images_per_step": len(devices) * per_device,
+        "per_chip_batch": per_device}
 
 
 def compiled_figures(lower: Callable[[], Any], chip: Chip) -> dict[str, Any]:
@@ -186,8 +187,7 @@ def compiled_figures(lower: Callable[[], Any], chip: Chip) -> dict[str, Any]:
     return figures
 
 
-def bounds(figures: dict[str, Any], chip: Chip, images_per_step: int, chips: int
-           ) -> dict[str, Any]:
+def bounds(figures: dict[str, Any], chip: Chip, images_per_step: int) -> dict[str, Any]:
     """The roofline bound on a step's time and the rates that follow (labelled)."""
     step_s = figures["flops_per_chip"] / chip.peak_flops
     rate = images_per_step / step_s
@@ -196,7 +196,7 @@ def bounds(figures: dict[str, Any], chip: Chip, images_per_step: int, chips: int
             "images_per_s_at_utilisation": rate * _UTILISATION.value,
             "utilisation": _UTILISATION.value,
             "note": "bounds and estimates from XLA's FLOP count and the chip's published peak "
-                    "(no measurement)", "chips": chips}
+                    "(no measurement)"}
 
 
 def largest_batch(devices: list[jax.Device], chip: Chip, half_precision: bool,
@@ -230,7 +230,6 @@ def main(argv: list[str]) -> None:
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     for name in _TOPOLOGIES.value:
         chip, devices, hosts = topology(name)
-        chips = len(devices)
         for precision in _PRECISIONS.value:
             half = precision == "bfloat16"
             cases = []
@@ -244,12 +243,10 @@ def main(argv: list[str]) -> None:
             for step, lower, shapes in cases:
                 figures = compiled_figures(lower, chip)
                 case = {"topology": name, "device_kind": devices[0].device_kind,
-                        "chips": chips, "hosts": hosts, "step": step.split("_")[0],
-                        "precision": precision, **shapes,
-                        "per_host_batch": shapes["images_per_step"] // (
-                            hosts if step != "probe" else 1), **figures,
-                        **bounds(figures, chip, shapes["images_per_step"],
-                                 chips if step != "probe" else 1),
+                        "hosts": hosts, "step": step.split("_")[0], "precision": precision,
+                        **shapes, "per_host_batch": shapes["images_per_step"] // (
+                            hosts if shapes["chips"] > 1 else 1), **figures,
+                        **bounds(figures, chip, shapes["images_per_step"]),
                         "jax_version": jax.__version__}
                 if step.startswith("pretrain"):
                     case["paper_run_hours_at_peak"] = (

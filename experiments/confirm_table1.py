@@ -43,7 +43,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import protocol, table1_report
+from experiments import protocol, reporting, table1_report
 from vi_simsiam_jax import datasets
 
 CODE_COMMIT = "27738b20f3a6343f53cd533fbfbbe6279bcaecdf"
@@ -95,14 +95,14 @@ RUNS: tuple[Run, ...] = (
 )
 
 
-def _git(*args: str, cwd: str = str(protocol.REPO)) -> str:
+def _git(*args: str, cwd: str = str(reporting.REPO)) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
 def protocol_commit() -> str:
     """The commit that added this file; an error while the protocol has uncommitted changes."""
-    files = [os.path.relpath(path, protocol.REPO) for path in
+    files = [os.path.relpath(path, reporting.REPO) for path in
              (__file__, table1_report.__file__, table1_report.statistics.__file__)]
     commit = _git("log", "--diff-filter=A", "--format=%H", "-1", "--", files[0])
     if not commit or _git("status", "--porcelain", "--", *files):

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from experiments import readme_blocks, reporting, table1_report
-from experiments.reporting import REPO, git_commit, relative_to_repo, resolve  # noqa: F401
+from experiments.reporting import git_commit, relative_to_repo
 from vi_simsiam_jax import loop
 
 SCORES = ("top1", "top5", "knn_top1", "learning_rate", "lr_sweep_local_val_top1")

@@ -43,7 +43,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import protocol, table1_report  # noqa: E402
+from experiments import protocol, reporting, table1_report  # noqa: E402
 from vi_simsiam_jax import checkpoints  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -122,11 +122,11 @@ def select(dataset: str, method: str, seed: int) -> dict[str, float | int]:
             candidate = protocol.pretrain_and_probe(config, workdir,
                                                     probe_config(seed, local=True))
         except FloatingPointError as error:  # diverged: recorded, scored -inf
-            candidate = {"workdir": protocol.relative_to_repo(workdir), "seed": seed,
+            candidate = {"workdir": reporting.relative_to_repo(workdir), "seed": seed,
                          "learning_rate": learning_rate, "num_epochs": num_epochs,
                          "probe": None, "diverged": str(error),
                          "curves": protocol.training_curves(workdir),
-                         "config": config.to_dict(), "git_commit": protocol.git_commit()}
+                         "config": config.to_dict(), "git_commit": reporting.git_commit()}
         candidate["z_std"] = table1_report.collapse_monitor(candidate["curves"])
         record["candidates"].append(candidate)
         protocol.write_json(path, record)
@@ -143,7 +143,7 @@ def select(dataset: str, method: str, seed: int) -> dict[str, float | int]:
                              "scored on 20%); learning rate at the selection epochs, then epochs")
     if "random_init" not in record:  # the candidates' common initial encoder, scored alike
         record["random_init"] = protocol.probe_scores(
-            protocol.resolve(record["candidates"][0]["workdir"]),
+            reporting.resolve(record["candidates"][0]["workdir"]),
             probe_config(seed, local=True), random_init=True)
     protocol.write_json(path, record)
     return record["chosen"]
@@ -182,7 +182,7 @@ def random_init_run(dataset: str, chosen: dict, seed: int) -> None:
                         "initialisation": f"train_state.init_variables, jax.random.key({seed})"},
             "probe": {"eval_split": probe.eval_split,
                       **protocol.probe_scores(workdir, probe, random_init=True)},
-            "probe_config": probe.to_dict(), "git_commit": protocol.git_commit()})
+            "probe_config": probe.to_dict(), "git_commit": reporting.git_commit()})
 
 
 def plot_curves(results_dir: str, path: str) -> None:

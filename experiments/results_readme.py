@@ -109,13 +109,17 @@ def _size(size: float) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
+def _tpu_cases(results: pathlib.Path) -> list[dict[str, Any]]:
+    """The cases of results/tpu_compile/*.json (benchmarks.compile_tpu)."""
+    return [_load(pathlib.Path(p))
+            for p in sorted(glob.glob(os.path.join(results, "tpu_compile", "*.json")))]
+
+
 def tpu_compile_table(results: pathlib.Path) -> str:
     """Every TPU compilation of results/tpu_compile/*.json (benchmarks.compile_tpu): per case
     the chips, batch, per-chip memory against HBM and the FLOP-count bounds (estimates, not
     measurements)."""
-    cases = [_load(pathlib.Path(p)) for p in sorted(glob.glob(
-        os.path.join(results, "tpu_compile", "*.json")))]
-    cases = sorted(cases,
+    cases = sorted(_tpu_cases(results),
                    key=lambda c: (c["step"] != "pretrain", c["topology"], c["chips"],
                                   c["images_per_step"], c["precision"]))
     lines = ["| step | topology | chips (hosts) | precision | global / per-chip batch | "
@@ -141,8 +145,7 @@ def tpu_compile_table(results: pathlib.Path) -> str:
 def tpu_compile_headline(results: pathlib.Path, generation: str = "v5e") -> str:
     """README's summary of the pretraining compilations on `generation`'s topologies: one row
     per topology and batch, float32 / bfloat16 side by side (estimates, not measurements)."""
-    cases = [c for c in map(_load, map(pathlib.Path, sorted(glob.glob(
-        os.path.join(results, "tpu_compile", "*.json")))))
+    cases = [c for c in _tpu_cases(results)
              if c["step"] == "pretrain" and c["topology"].startswith(generation)]
     rows: dict[tuple, dict[str, dict]] = {}
     for c in sorted(cases, key=lambda c: (c["chips"], c["images_per_step"])):

@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import protocol
+from experiments import protocol, reporting
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config.",
                                           lock_config=False)
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
         # The config of every run, its learning rate set per run (learning_rates_run).
         "config": {**_CONFIG.value.to_dict(), "learning_rate": None},
         "probe_config": probe_config.to_dict(),
-        "git_commit": protocol.git_commit(),
+        "git_commit": reporting.git_commit(),
     }
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "tune_lr.json")
     protocol.write_json(output, report)
