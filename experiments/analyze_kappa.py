@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import reporting
-from vi_simsiam_jax import checkpoints
+from vi_simsiam_jax import run_config
 from vi_simsiam_jax.evaluation import kappa_report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     workdir = _WORKDIR.value
-    kappa_report.check_vi_simsiam(checkpoints.load_config(workdir), workdir)
+    kappa_report.check_vi_simsiam(run_config.load_config(workdir), workdir)
     frozen, _, result = reporting.fit_probe(workdir, _CONFIG.value, _STEP.value)
     summary = reporting.write_kappa_analysis(
         frozen, result, _OUTPUT_DIR.value or os.path.join(workdir, "kappa_analysis"),

@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import reporting
-from vi_simsiam_jax import checkpoints
+from vi_simsiam_jax import run_config
 from vi_simsiam_jax.evaluation import corruptions, ood_report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     ood_report.check_corruptions(_CORRUPTIONS.value, severities)
     ood = None
     if _OOD_DATASET.value:  # before any feature is computed, so a missing dataset fails fast
-        ood = ood_report.load_ood_examples(_OOD_DATASET.value, checkpoints.load_config(workdir),
+        ood = ood_report.load_ood_examples(_OOD_DATASET.value, run_config.load_config(workdir),
                                            _OOD_ARCHIVE.value)
     frozen, train, result = reporting.fit_probe(workdir, config, _STEP.value)
     analysis = ood_report.analyze(frozen, result, train, ood=ood, corruptions=_CORRUPTIONS.value,

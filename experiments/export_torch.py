@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from vi_simsiam_jax import checkpoints, torch_export, train_state
+from vi_simsiam_jax import run_config, torch_export, train_state
 from vi_simsiam_jax.evaluation import encoder
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (config.json, checkpoints).")
@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = checkpoints.load_config(_WORKDIR.value)
+    config = run_config.load_config(_WORKDIR.value)
     model = train_state.make_model(config, axis_name=None)
     variables, step = encoder.restore_encoder(_WORKDIR.value, config, model, _STEP.value)
     state = torch_export.torch_state_dict(variables, step)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from experiments import figures
-from vi_simsiam_jax import datasets
+from vi_simsiam_jax import datasets, files
 from vi_simsiam_jax.evaluation import encoder, kappa_report, linear_probe, ood_report
 
 PREDICTIONS_SUFFIX = "_predictions.npz"
@@ -47,10 +47,8 @@ def write_json(path: str, data: Any, indent: int = 2) -> None:
     """Writes data as indented JSON, atomically (a crash leaves the previous file, never half a
     one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with files.atomic_write(path) as f:
         json.dump(data, f, indent=indent)
-    os.replace(tmp, path)
 
 
 def probe_output(workdir: str, step: int | None = None, random_init: bool = False,
@@ -76,9 +74,8 @@ def write_probe(result: linear_probe.ProbeResult, workdir: str, output: str) -> 
     if scored.kappa is not None:
         arrays["kappa"] = scored.kappa
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = predictions + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, predictions)
+    with files.atomic_write(predictions, "wb") as f:
+        np.savez(f, **arrays)
     write_json(output, written)
     return written
 

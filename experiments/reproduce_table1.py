@@ -44,7 +44,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import protocol, reporting, table1_report  # noqa: E402
-from vi_simsiam_jax import checkpoints  # noqa: E402
+from vi_simsiam_jax import run_config  # noqa: E402
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -75,7 +75,7 @@ _TABLE_EPOCHS = flags.DEFINE_list("table_epochs", ["12"],
                                   "Epochs of the table runs; of several, the best is chosen.")
 
 
-def run_config(dataset: str, method: str, learning_rate: float, num_epochs: int, seed: int
+def table_config(dataset: str, method: str, learning_rate: float, num_epochs: int, seed: int
                ) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
     config.update(dataset=dataset, method=method, learning_rate=learning_rate,
@@ -114,7 +114,7 @@ def select(dataset: str, method: str, seed: int) -> dict[str, float | int]:
             if (candidate["learning_rate"], candidate["num_epochs"]) == (learning_rate,
                                                                          num_epochs):
                 return candidate["probe"]["top1"] if candidate["probe"] else -math.inf
-        config = run_config(dataset, method, learning_rate, num_epochs, seed)
+        config = table_config(dataset, method, learning_rate, num_epochs, seed)
         workdir = run_workdir(config)
         logging.info("Selection: %s on %s, lr %g, %d epochs", method, dataset, learning_rate,
                      num_epochs)
@@ -151,7 +151,7 @@ def select(dataset: str, method: str, seed: int) -> dict[str, float | int]:
 
 def table_run(dataset: str, method: str, chosen: dict, seed: int) -> None:
     """Pretrains (or reuses) one cell's run and probes it on val."""
-    config = run_config(dataset, method, chosen["learning_rate"], chosen["num_epochs"], seed)
+    config = table_config(dataset, method, chosen["learning_rate"], chosen["num_epochs"], seed)
     workdir = run_workdir(config)
     path = table1_report.record_path(_RESULTS.value, dataset, method, seed)
     if not os.path.exists(path):
@@ -172,9 +172,9 @@ def random_init_run(dataset: str, chosen: dict, seed: int) -> None:
         name, method = table1_report.dataset_name(dataset), _METHODS.value[0]
         workdir = os.path.join(_WORKDIR.value, f"{name}_random_init", f"seed{seed}")
         os.makedirs(workdir, exist_ok=True)
-        config = run_config(dataset, method, chosen[method]["learning_rate"],
+        config = table_config(dataset, method, chosen[method]["learning_rate"],
                             chosen[method]["num_epochs"], seed)
-        checkpoints.save_config(workdir, config)
+        run_config.save_config(workdir, config)
         probe = probe_config(seed)
         protocol.write_json(path, {
             "dataset": name, "method": "random_init", "seed": seed,

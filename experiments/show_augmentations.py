@@ -48,7 +48,7 @@ def main(argv):
     crops = train_state.crops_config(config)
     indices = np.random.default_rng(_SEED.value).choice(len(examples), _NUM_IMAGES.value,
                                                         replace=False)
-    source = ip.decode_images(examples.subset(indices))
+    source = ip.decode_images(examples.subset(indices), config.stream_max_side)
     views = augment.views(source.images, source.sizes, indices.astype(np.int32),
                           jax.random.key(_SEED.value), crops)
     labels = source.labels

@@ -1,14 +1,15 @@
 """Shared helpers for tests that run pretraining: commands, configs and checkpoint restores;
-`run_module` runs any entry point as a subprocess."""
+`run_module` runs any entry point as a subprocess; `free_port` for multi-process runs."""
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
 from tests import tiny_config
 from tests.xla_flags import with_flags
-from vi_simsiam_jax import checkpoints, train_state
+from vi_simsiam_jax import checkpoints, run_config, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Training subprocesses (entry points, signals, resumes) run on one CPU device, the multi-device
@@ -49,7 +50,14 @@ def run_module(module: str, *flags: str, check: bool = True,
 
 def restore(workdir, step: int | None = None):
     """The train state saved in a pretraining workdir (newest checkpoint or `step`)."""
-    saved = checkpoints.load_config(str(workdir))
+    saved = run_config.load_config(str(workdir))
     abstract = train_state.abstract_train_state(saved, train_state.make_model(saved))
     manager = checkpoints.manager(str(workdir), read_only=True)
     return checkpoints.restore_latest(manager, abstract, step)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a multi-process run's coordinator."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -215,6 +215,47 @@ def test_views_depend_on_key_position_and_view_only():
         np.testing.assert_array_equal(a, b)
 
 
+def test_views_equal_their_parts_composed_view_by_view():
+    """`views` against the parts it is made of, composed here image by image and view by view:
+    view v of the image at stream position p is drawn with the key fold_in(fold_in(key, p), v)
+    at the global crops' size and scale for v < n_global, else at the local crops', blurred
+    with sigma in BLUR_SIGMA over a 3 * 2.0 px radius, and made by crop and resize (mirrored
+    if flipped), colour jitter, grayscale, blur and normalisation. Sizes and scales are taken
+    from the config's fields, not from `MultiCropConfig.views()`, so a wrong assignment of
+    either (local crops at the global scale, global and local sizes swapped) shows."""
+    crops = augment.MultiCropConfig(global_size=16, n_global=2, global_scale=(0.2, 1.0),
+                                    local_size=8, n_local=2, local_scale=(0.05, 0.2))
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (3, 20, 26, 3), np.uint8)
+    sizes = np.array([[20, 26], [14, 26], [20, 9]], np.int32)
+    positions = np.array([5, 17, 40], np.int32)
+    key = jax.random.key(11)
+    radius = 6  # ceil(3 * BLUR_SIGMA[1])
+
+    def one_view(image, height, width, position, v, out_size, scale):
+        view_key = jax.random.fold_in(jax.random.fold_in(key, position), v)
+        params = augment.sample_view_params(view_key, height, width, scale, augment.BLUR_SIGMA)
+        out = augment.crop_and_resize(image.astype(jnp.float32) / 255, params.box, out_size,
+                                      params.flip)
+        out = jnp.where(params.jitter, augment.color_jitter(out, params.factors, params.order),
+                        out)
+        out = jnp.where(params.grayscale, jnp.broadcast_to(augment.grayscale(out), out.shape),
+                        out)
+        out = augment.gaussian_blur(out, params.sigma, radius, params.blur)
+        return (out - jnp.array(augment.MEAN_RGB)) / jnp.array(augment.STDDEV_RGB)
+
+    one_view = jax.jit(one_view, static_argnums=(5, 6))  # a program per (size, scale)
+    result = jax.jit(augment.views, static_argnums=4)(images, sizes, positions, key, crops)
+    assert len(result) == crops.n_global + crops.n_local
+    for v, made in enumerate(result):
+        size, scale = ((crops.global_size, crops.global_scale) if v < crops.n_global
+                       else (crops.local_size, crops.local_scale))
+        expected = [one_view(images[i], sizes[i, 0], sizes[i, 1], positions[i], v, size, scale)
+                    for i in range(len(images))]
+        np.testing.assert_allclose(made, np.stack(expected),
+                                   atol=TOLERANCE / min(augment.STDDEV_RGB), err_msg=f"view {v}")
+
+
 def _params(key, sizes, positions, crops):
     return [jax.vmap(augment.sample_view_params, in_axes=(0, 0, 0, None, None))(
         augment.view_keys(key, positions, v), sizes[:, 0], sizes[:, 1], scale,

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -16,9 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.pretrain_utils import ENV, REPO, command, config, restore
+from tests.pretrain_utils import ENV, REPO, command, config, free_port, restore
 from tests.xla_flags import with_flags
-from vi_simsiam_jax import checkpoints, loop
+from vi_simsiam_jax import checkpoints, errors, loop, run_control
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,6 @@ def finished_run(pretrain_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished_run")
     loop.pretrain(config(pretrain_data, num_epochs=1), str(workdir))
     return workdir
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _FLOAT64 = "--config.model.dtype=float64"
@@ -60,23 +53,28 @@ def float64_run(pretrain_data, tmp_path_factory):
 
 
 def _start_processes(pretrain_data, workdir, logs_dir, num_processes: int,
-                     float64: bool = True) -> tuple[list[subprocess.Popen], list]:
+                     float64: bool = True, *flags: str, fault: dict[str, str] | None = None
+                     ) -> tuple[list[subprocess.Popen], list]:
     """The tiny run of `float64_run`'s config (or in float32, compiled at ENV's optimisation
-    level) started as num_processes processes x 1 CPU device (gloo); (processes, log files)."""
-    port = _free_port()
-    flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}"]
+    level) started as num_processes processes x 1 CPU device (gloo), with `flags` added;
+    (processes, log files). `fault`: the environment of `tests.faulty_pretrain`, run instead of
+    experiments.pretrain."""
+    port = free_port()
+    cluster = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}"]
     # Each process logs to a file: a pipe that the test does not read while it waits for the
     # other process fills up, and the blocked writer never reaches JAX's shutdown barrier.
     logs = [logs_dir / f"process_{i}.log" for i in range(num_processes)]
     processes = []
     for i, log in enumerate(logs):
+        args = command(pretrain_data, workdir, f"--config.num_epochs={_EPOCHS}",
+                       f"--config.keep_checkpoints={4 * _EPOCHS}", "--peer_timeout_s=30",
+                       *([_FLOAT64] if float64 else []),
+                       *(cluster + [f"--process_id={i}"] if num_processes > 1 else []), *flags)
+        if fault:
+            args[2] = "tests.faulty_pretrain"
         with open(log, "w") as stderr:
             processes.append(subprocess.Popen(
-                command(pretrain_data, workdir, f"--config.num_epochs={_EPOCHS}",
-                        f"--config.keep_checkpoints={4 * _EPOCHS}", "--peer_timeout_s=30",
-                        *([_FLOAT64] if float64 else []),
-                        *(flags + [f"--process_id={i}"] if num_processes > 1 else [])),
-                cwd=REPO, env=_ONE_DEVICE_FLOAT64 if float64 else ENV,
+                args, cwd=REPO, env={**(_ONE_DEVICE_FLOAT64 if float64 else ENV), **(fault or {})},
                 stdout=subprocess.DEVNULL, stderr=stderr))
     return processes, logs
 
@@ -155,7 +153,7 @@ def test_one_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
     _wait_for(workdir / "checkpoints" / str(next_checkpoint) / "commit_success.txt", processes)
     processes[1].send_signal(signal.SIGKILL)
     start = time.time()
-    assert processes[0].wait(timeout=300) == loop.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
+    assert processes[0].wait(timeout=300) == run_control.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
     assert time.time() - start < 60
     processes[1].wait()
     survivor = logs[0].read_text()
@@ -171,6 +169,33 @@ def test_one_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(final, name),
                      getattr(expected, name))
+
+
+def test_slow_saves_and_evaluations_leave_a_healthy_run_running(pretrain_data, tmp_path):
+    """Process 1's saves and kNN-monitor evaluations take 6 s, --peer_timeout_s 3: the watchdog
+    is off while a process saves, evaluates, or waits for its peer to, so both finish."""
+    processes, logs = _start_processes(
+        pretrain_data, tmp_path / "run", tmp_path, 2, False, "--peer_timeout_s=3",
+        "--config.eval_every_epochs=2", fault={"FAULT_PROCESS": "1", "FAULT": "slow:6"})
+    statuses = [p.wait(timeout=600) for p in processes]
+    assert statuses == [0, 0], [log.read_text()[-2000:] for log in logs]
+    assert "kNN top-1 on the local split" in logs[0].read_text()
+
+
+def test_a_failing_process_reports_its_own_error_and_its_peer_names_it(pretrain_data,
+                                                                        tmp_path):
+    """Process 1's save of step 4 fails (a full disk): it exits 1 with its own error, and
+    process 0 stops at once (EXIT_LOST_PEER) saying which process failed, and with what."""
+    processes, logs = _start_processes(pretrain_data, tmp_path / "run", tmp_path, 2, False,
+                                       fault={"FAULT_PROCESS": "1", "FAULT": "disk_full:4"})
+    statuses = [p.wait(timeout=600) for p in processes]
+    assert statuses == [run_control.EXIT_LOST_PEER, 1], [log.read_text()[-2000:] for log in logs]
+    failed, peer = logs[1].read_text(), logs[0].read_text()
+    assert "Could not write the step-4 checkpoint: No space left on device" in failed
+    assert "Process 1 of 2" not in failed  # its own error, not a lost peer's
+    assert ("Process 0 of 2: process 1 failed: OSError: [Errno 28] Could not write the step-4 "
+            "checkpoint") in peer
+    assert "most likely died" not in peer and "Relaunch all processes" in peer
 
 
 def _corrupt(checkpoint_dir) -> None:
@@ -202,7 +227,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(pretrain_data, finishe
 def test_unwritable_workdir_fails_before_training(pretrain_data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match=f"Workdir {blocker / 'run'} is not writable"):
+    with pytest.raises(errors.UserError, match=f"Workdir {blocker / 'run'} is not writable"):
         loop.pretrain(config(pretrain_data), str(blocker / "run"))
 
 
@@ -234,9 +259,10 @@ def test_disk_full_at_save_is_clear_and_keeps_earlier_checkpoints(pretrain_data,
     (dict(local_scale=(0.5, 0.2)), "config.local_scale"),
 ])
 def test_invalid_config_values_name_the_field(pretrain_data, tmp_path, overrides, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(errors.UserError) as raised:
         loop.pretrain(config(pretrain_data, **overrides), str(tmp_path))
-    assert not (tmp_path / "checkpoints").exists()
+    assert raised.value.setting == field
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(pretrain_data, tmp_path):
@@ -267,19 +293,18 @@ def test_watchdog_ends_a_multihost_process_whose_step_hangs(monkeypatch, capfd):
     exits = []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(os, "_exit", exits.append)
-    watchdog = loop._Watchdog(1.0, lambda: "a peer is gone")
+    watchdog = run_control.Watchdog(1.0, lambda cause: f"{cause}: a peer is gone")
     try:
         time.sleep(2.5)
         assert exits == []  # not armed before the first step
         watchdog.beat()
-        watchdog.pause()
-        time.sleep(2.5)
-        assert exits == []  # paused
-        watchdog.beat()
+        with watchdog.paused():
+            time.sleep(2.5)
+            assert exits == []  # paused
         deadline = time.time() + 10
         while not exits and time.time() < deadline:
             time.sleep(0.1)
     finally:
         watchdog.stop()
-    assert exits[:1] == [loop.EXIT_LOST_PEER]
-    assert "No progress for 1 s. a peer is gone" in capfd.readouterr().err
+    assert exits[:1] == [run_control.EXIT_LOST_PEER]
+    assert "No progress for 1 s. no step has completed: a peer is gone" in capfd.readouterr().err

@@ -1,8 +1,11 @@
-"""Input streams: decoded and streamed source images, determinism, resumption, host sharding;
-the probe and eval pipelines."""
+"""Input streams: decoded and streamed source images (one layout: the same batches, and the same
+training losses, from either), determinism, resumption, host sharding; the probe and eval
+pipelines."""
 
+import hashlib
 import io
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -10,10 +13,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vi_simsiam_jax import datasets
+from tests import fake_archives
+from tests.pretrain_utils import config
+from vi_simsiam_jax import datasets, loop
 from vi_simsiam_jax import input_pipeline as ip
 
 N = 48  # examples; label i identifies example i.
+MAX_SIDE = 24  # the largest side of `examples`: none is shrunk
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
@@ -22,18 +28,30 @@ def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def examples() -> datasets.Examples:
-    rng = np.random.default_rng(0)
-    images = [_jpeg(rng, 20 + i % 5, 24 - i % 3) for i in range(N)]
-    return datasets.Examples(np.array(images, dtype=object), np.arange(N, dtype=np.int32),
-                             np.array([f"train/c/{i}.JPEG" for i in range(N)], dtype=object),
+def _examples(shapes: list[tuple[int, int]], seed: int = 0) -> datasets.Examples:
+    """Random JPEGs of the given (height, width); label i identifies example i."""
+    rng = np.random.default_rng(seed)
+    n = len(shapes)
+    return datasets.Examples(np.array([_jpeg(rng, h, w) for h, w in shapes], dtype=object),
+                             np.arange(n, dtype=np.int32),
+                             np.array([f"train/c/{i}.JPEG" for i in range(n)], dtype=object),
                              ("c",))
 
 
 @pytest.fixture(scope="module")
+def examples() -> datasets.Examples:
+    return _examples([(20 + i % 5, 24 - i % 3) for i in range(N)])
+
+
+@pytest.fixture(scope="module")
+def mixed() -> datasets.Examples:
+    """32 images from 9 x 13 to 47 x 31 px: about half have a side over MAX_SIDE."""
+    return _examples([(9 + (7 * i) % 39, 13 + (5 * i) % 19) for i in range(32)], seed=1)
+
+
+@pytest.fixture(scope="module")
 def source(examples) -> ip.SourceImages:
-    return ip.decode_images(examples)
+    return ip.decode_images(examples, MAX_SIDE)
 
 
 def _batches(ds: tf.data.Dataset) -> list:
@@ -66,16 +84,45 @@ def test_decoded_images_are_padded_with_their_sizes(examples, source):
 
 
 def test_decoded_images_are_cached(examples, source, tmp_path):
-    first = ip.cached_images(examples, str(tmp_path))
+    # A cache of the layout before fitting (each image padded to the split's largest height x
+    # width), named by the split's hash alone: never read.
+    digest = hashlib.sha256("\n".join(examples.file_names).encode()).hexdigest()[:16]
+    np.save(tmp_path / f"{digest}-images.npy", np.full((N, 30, 40, 3), 7, np.uint8))
+    np.save(tmp_path / f"{digest}-sizes.npy", np.full((N, 2), 30, np.int32))
+    first = ip.cached_images(examples, str(tmp_path), MAX_SIDE)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and all(f.endswith(".npy") for f in files)
-    second = ip.cached_images(examples, str(tmp_path))  # read back, not decoded again
+    assert len(files) == 4 and all(f.endswith(".npy") for f in files)
+    second = ip.cached_images(examples, str(tmp_path), MAX_SIDE)  # read back, not decoded again
     assert isinstance(second.images, np.memmap)
     for decoded in (first, second):
         np.testing.assert_array_equal(decoded.images, source.images)
         np.testing.assert_array_equal(decoded.sizes, source.sizes)
-    ip.cached_images(examples.subset(np.arange(N) < 10), str(tmp_path))  # another split
-    assert len(list(tmp_path.iterdir())) == 4
+    ip.cached_images(examples.subset(np.arange(N) < 10), str(tmp_path), MAX_SIDE)  # another split
+    assert len(list(tmp_path.iterdir())) == 6
+    smaller = ip.cached_images(examples, str(tmp_path), 12)  # another max_side
+    assert len(list(tmp_path.iterdir())) == 8 and smaller.images.shape == (N, 12, 12, 3)
+
+
+def test_canvas_is_the_largest_fitted_size_and_images_keep_their_place(mixed):
+    """Every image is held at most MAX_SIDE on a side, at the top-left of the split's canvas:
+    its largest fitted height and width (at most MAX_SIDE x MAX_SIDE, from the JPEG headers
+    alone); larger images in the split change nothing of the others but their padding."""
+    sizes = np.array([(9 + (7 * i) % 39, 13 + (5 * i) % 19) for i in range(len(mixed))])
+    small = sizes.max(axis=1) <= MAX_SIDE
+    assert 0 < small.sum() < len(mixed)
+    alone = ip.decode_images(mixed.subset(small), MAX_SIDE)
+    together = ip.decode_images(mixed, MAX_SIDE)
+    assert together.images.shape[1:] == (MAX_SIDE, MAX_SIDE, 3)
+    assert alone.images.shape[1:] == (*sizes[small].max(axis=0), 3)  # nothing shrunk
+    height, width = alone.images.shape[1:3]
+    np.testing.assert_array_equal(together.images[small][:, :height, :width], alone.images)
+    np.testing.assert_array_equal(together.sizes[small], sizes[small])  # not shrunk
+    # Larger images scaled by MAX_SIDE / their longer side, each side rounded to a pixel.
+    scaled = sizes[~small] * (MAX_SIDE / sizes[~small].max(axis=1, keepdims=True))
+    np.testing.assert_array_equal(together.sizes[~small], np.round(scaled))
+    np.testing.assert_array_equal(ip.fitted_sizes(sizes, MAX_SIDE), together.sizes)
+    for image, (height, width) in zip(together.images, together.sizes):
+        assert not image[height:].any() and not image[:, width:].any()
 
 
 def test_pretrain_batches_shapes_and_values(source, reference):
@@ -123,10 +170,47 @@ def test_two_hosts_disjoint_and_equal_to_one_host(source, reference):
 
 
 def test_streamed_batches_equal_in_memory_ones(examples, source, reference):
-    streamed = _pretrain(ip.StreamedImages(examples, max_side=24), num_steps=6)
+    streamed = _pretrain(ip.StreamedImages(examples, MAX_SIDE), num_steps=6)
     _assert_same(streamed, reference)
-    resumed = _pretrain(ip.StreamedImages(examples, max_side=24), start_step=2, num_steps=2)
+    resumed = _pretrain(ip.StreamedImages(examples, MAX_SIDE), start_step=2, num_steps=2)
     _assert_same(resumed, reference[2:4])
+
+
+def test_mixed_sizes_streamed_equal_in_memory_bit_for_bit(mixed):
+    """On images smaller and larger than max_side, the streamed batches are the in-memory ones
+    (images, sizes, positions, labels), so the step makes the same views from either."""
+    in_memory = _pretrain(ip.decode_images(mixed, MAX_SIDE), num_steps=3)
+    _assert_same(_pretrain(ip.StreamedImages(mixed, MAX_SIDE), num_steps=3), in_memory)
+    sizes = np.concatenate([b["size"].reshape(-1, 2) for b in in_memory])
+    assert (sizes.max(axis=1) == MAX_SIDE).any() and (sizes.max(axis=1) < MAX_SIDE).any()
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> tuple[str, str]:
+    """A prepared folder dataset of 18 training images: 12 x 16, 20 x 24 and 40 x 44 px (the
+    last over the cap of `test_memory_and_stream_train_alike`)."""
+    root = tmp_path_factory.mktemp("mixed_sizes")
+    for seed, (name, size) in enumerate((("a", 12), ("b", 20), ("c", 40))):
+        fake_archives.make_folder(root / "images", [name], n_train=6, n_val=1, size=size,
+                                  extras=False, seed=seed)
+    datasets.prepare(str(root / "images"), data_dir=str(root / "tfds"))
+    return str(root / "images"), str(root / "tfds")
+
+
+def test_memory_and_stream_train_alike(mixed_folder, tmp_path):
+    """`loop.pretrain` for 2 steps with the same seed, source images in memory and streamed:
+    the same losses and the same trained parameters, bit for bit."""
+    runs = {}
+    for source in ("memory", "stream"):
+        state = loop.pretrain(config(mixed_folder, source_images=source, stream_max_side=32,
+                                     num_epochs=1, log_every_steps=1),
+                              str(tmp_path / source))
+        records = [json.loads(line) for line in
+                   (tmp_path / source / "metrics.jsonl").read_text().splitlines()]
+        runs[source] = ([(r["step"], r["loss"]) for r in records],
+                        jax.device_get((state.step, state.params, state.batch_stats)))
+    assert [step for step, _ in runs["memory"][0]] == [1, 2]
+    _assert_same(runs["memory"], runs["stream"])
 
 
 def test_streamed_images_are_shrunk_to_fit(examples):
@@ -141,12 +225,14 @@ def test_streamed_images_are_shrunk_to_fit(examples):
 
 
 def test_pretrain_source_picks_memory_unless_too_large(examples, tmp_path, monkeypatch):
-    assert isinstance(ip.pretrain_source(examples, cache_dir=str(tmp_path)), ip.SourceImages)
+    in_memory = ip.pretrain_source(examples, cache_dir=str(tmp_path), stream_max_side=32)
+    # The canvas: the largest height and width of `examples`, none over 32.
+    assert isinstance(in_memory, ip.SourceImages) and in_memory.images.shape == (N, 24, 24, 3)
     monkeypatch.setattr(ip, "MEMORY_FRACTION", 0.0)
     streamed = ip.pretrain_source(examples, cache_dir=str(tmp_path), stream_max_side=32)
     assert isinstance(streamed, ip.StreamedImages) and streamed.max_side == 32
-    assert isinstance(ip.pretrain_source(examples, "memory", cache_dir=str(tmp_path)),
-                      ip.SourceImages)
+    assert isinstance(ip.pretrain_source(examples, "memory", cache_dir=str(tmp_path),
+                                         stream_max_side=32), ip.SourceImages)
     with pytest.raises(ValueError, match="Unknown image source 'disk'"):
         ip.pretrain_source(examples, "disk", cache_dir=str(tmp_path))
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from experiments import reporting, results_readme
 from experiments.configs import probe as probe_config
 from tests import fake_archives, pretrain_utils, tiny_config
-from vi_simsiam_jax import checkpoints, datasets, train_state
+from vi_simsiam_jax import checkpoints, datasets, run_config, train_state
 from vi_simsiam_jax.evaluation import encoder, ood_report
 from vi_simsiam_jax.evaluation import linear_probe as probe
 
@@ -44,7 +44,7 @@ def saved(tmp_path_factory):
     config.data_dir = str(root / "tfds")
     workdir = str(root / "work")
     os.makedirs(workdir)
-    checkpoints.save_config(workdir, config)
+    run_config.save_config(workdir, config)
     state = train_state.create_train_state(jax.random.key(config.seed), config,
                                      train_state.make_model(config, axis_name=None), 1)
     state = state.replace(step=3, params=jax.tree.map(lambda x: x + 0.01, state.params))
@@ -115,7 +115,7 @@ def test_topk_correct_by_hand():
 
 def test_restore_returns_the_saved_weights(saved):
     workdir, expected = saved
-    config = checkpoints.load_config(workdir)
+    config = run_config.load_config(workdir)
     variables, step = encoder.restore_encoder(workdir, config,
                                             train_state.make_model(config, axis_name=None))
     assert step == 3
@@ -293,9 +293,9 @@ def test_workdir_without_checkpoints(saved, tmp_path):
 
 def test_checkpoint_of_another_architecture(saved, tmp_path):
     shutil.copytree(os.path.join(saved[0], "checkpoints"), tmp_path / "checkpoints")
-    config = checkpoints.load_config(saved[0])
+    config = run_config.load_config(saved[0])
     config.model.width = 8
-    checkpoints.save_config(str(tmp_path), config)
+    run_config.save_config(str(tmp_path), config)
     with pytest.raises(ValueError, match=r"another architecture .*params/backbone/bn1/bias: "
                                          r"checkpoint \(4,\), config \(8,\)"):
         reporting.probe(str(tmp_path), _config())

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -11,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import tiny_config
 from tests.pretrain_utils import ENV, REPO, command, config, restore
-from vi_simsiam_jax import augment, checkpoints, loop
+from vi_simsiam_jax import augment, checkpoints, errors, loop, run_config
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     """8 steps, checkpoints every 2: killed after the first, resumed, equal to a whole run."""
@@ -48,30 +50,99 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path)
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(full_state, name),
                      getattr(resumed_state, name))
-    # The logs of the resumed run continue the step count.
+    # The logs of the resumed run continue the step count, each step once.
     logged = [json.loads(line)["step"]
               for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == 8
+    assert logged == [2, 4, 6, 8]
 
 
 def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_path, monkeypatch):
     nan_step = 3  # of the 4 steps of 1 epoch, checkpoints every 2
-    run_config = config(pretrain_data, num_epochs=1)
+    nan_config = config(pretrain_data, num_epochs=1)
     original = augment.views
 
     def poisoned(images, sizes, positions, key, crops):
-        bad = positions[0] // run_config.batch_size == nan_step
+        bad = positions[0] // nan_config.batch_size == nan_step
         return [jnp.where(bad, np.float32(np.nan), view)
                 for view in original(images, sizes, positions, key, crops)]
 
     monkeypatch.setattr(augment, "views", poisoned)
-    with pytest.raises(FloatingPointError, match=f"at step {nan_step} "):
-        loop.pretrain(run_config, str(tmp_path))
+    with pytest.raises(FloatingPointError, match=f"at step {nan_step} ") as stopped:
+        loop.pretrain(nan_config, str(tmp_path))
+    assert "--allow_config_change=learning_rate" in str(stopped.value)  # how to go on
     state = restore(tmp_path)
     assert int(state.step) == 2  # the newest checkpoint predates the bad step
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
     logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in logged] == [2]
+
+    # Going on with a lower rate: refused unless allowed, then recorded.
+    monkeypatch.setattr(augment, "views", original)
+    lower = config(pretrain_data, num_epochs=1, learning_rate=nan_config.learning_rate / 2)
+    with pytest.raises(errors.UserError, match=r"--allow_config_change=learning_rate"):
+        loop.pretrain(lower, str(tmp_path))
+    assert int(loop.pretrain(lower, str(tmp_path), allow_changes=["learning_rate"]).step) == 4
+    history = [json.loads(line) for line in
+               (tmp_path / run_config.HISTORY_FILE).read_text().splitlines()]
+    assert [row["event"] for row in history] == ["start", "resume"]
+    assert history[1]["step"] == 2
+    assert history[1]["changed"] == {"learning_rate": [nan_config.learning_rate,
+                                                       lower.learning_rate]}
+    assert run_config.load_config(str(tmp_path)).learning_rate == lower.learning_rate
+
+
+def _event_steps(workdir) -> list[tuple[int, str]]:
+    """(step, tag) of every scalar in workdir's TensorBoard event files."""
+    return [(event.step, value.tag)
+            for path in (workdir / "tensorboard").glob("events.out.tfevents.*")
+            for record in tf.data.TFRecordDataset(str(path))
+            for event in [tf.compat.v1.Event.FromString(record.numpy())]
+            for value in event.summary.value]
+
+
+def test_a_resumed_run_logs_each_step_once_and_may_find_its_data_moved(pretrain_data,
+                                                                       tmp_path):
+    """A run that logged steps 2 and 4 but whose checkpoint 4 is gone resumes at 2: its rows
+    of step 4 are dropped from metrics.jsonl and the event files, then written once. The
+    prepared data, copied to another data_dir, may be named there (same fingerprint); data
+    prepared from other images may not."""
+    workdir = tmp_path / "work"
+    loop.pretrain(config(pretrain_data, num_epochs=1), str(workdir))
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    moved = tmp_path / "moved_tfds"
+    shutil.copytree(pretrain_data[1], moved)
+    loop.pretrain(config((pretrain_data[0], str(moved)), num_epochs=1), str(workdir))
+    rows = [json.loads(line)["step"]
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4]
+    events = _event_steps(workdir)
+    assert sorted(events) == sorted(set(events)) and {step for step, _ in events} == {2, 4}
+    assert not list(workdir.rglob("*.tmp"))
+
+    other = tmp_path / "other"
+    shutil.copytree(pretrain_data[0], other)
+    next((other / "train").rglob("*.JPEG")).unlink()  # one image fewer: other data
+    with pytest.raises(errors.UserError, match="made with other data"):
+        loop.pretrain(config((pretrain_data[0], str(tmp_path / "other_tfds")), num_epochs=1,
+                             dataset=str(other)), str(workdir))
+
+
+def test_a_mistyped_path_writes_nothing_and_the_corrected_command_trains(pretrain_data,
+                                                                          tmp_path):
+    """The command line a user would type: one paragraph naming the flag as typed, status 1,
+    no traceback, no workdir; then the corrected command trains in that workdir."""
+    workdir = tmp_path / "work"
+    typo = f"--config.dataset={tmp_path / 'nowhere'}"
+    result = subprocess.run(command(pretrain_data, workdir, typo), cwd=REPO, env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"FATAL: {typo}: Dataset folder {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+    result = subprocess.run(command(pretrain_data, workdir, "--config.num_epochs=1"), cwd=REPO,
+                            env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(restore(workdir).step) == 4
 
 
 def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pretrain_data,
@@ -135,7 +206,6 @@ def test_missing_dataset_names_the_path(tmp_path):
 def test_knn_monitor_logs_a_curve_and_leaves_training_unchanged(pretrain_data, tmp_path):
     """eval_every_epochs=1 over 2 epochs: kNN top-1 on the local split at steps 4 and 8 in
     metrics.jsonl and TensorBoard, and the same final state, bit for bit, as with it off."""
-    import tensorflow as tf
 
     final = {}
     for every in (1, 0):

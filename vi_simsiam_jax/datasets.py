@@ -39,6 +39,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from vi_simsiam_jax import errors
+
 DATASETS_ENV = "VI_SIMSIAM_DATASETS"
 URL_PREFIX = "https://s3.amazonaws.com/fast-ai-imageclas/"
 JPEG_QUALITY = 95
@@ -112,12 +114,14 @@ def folder_config(path: str | os.PathLike[str]) -> ImagesConfig:
     root = pathlib.Path(path).expanduser().resolve()
     train = root / "train"
     if not train.is_dir():
-        raise FileNotFoundError(
+        raise errors.MissingPath(
             f"Dataset folder {root} has no train/ subfolder. Expected the ImageFolder layout "
-            f"{root}/train/<class>/<image> (and optionally {root}/val/<class>/<image>).")
+            f"{root}/train/<class>/<image> (and optionally {root}/val/<class>/<image>).",
+            "dataset")
     names = tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not _hidden(p.name)))
     if not names:
-        raise ValueError(f"{train} has no class subfolders (expected {train}/<class>/<image>).")
+        raise errors.UserError(
+            f"{train} has no class subfolders (expected {train}/<class>/<image>).", "dataset")
     slug = re.sub(r"[^\w\-.]", "_", root.name)
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     return ImagesConfig(name=f"folder-{slug}-{digest}", description=f"Image folder {root}.",
@@ -253,11 +257,12 @@ def resolve_config(dataset: str) -> ImagesConfig:
         return by_name[dataset]
     if os.sep in dataset or "/" in dataset or os.path.exists(dataset):
         if not os.path.isdir(dataset):
-            raise FileNotFoundError(f"Dataset folder {dataset} does not exist (expected "
-                                    f"{dataset}/train/<class>/<image>).")
+            raise errors.MissingPath(f"Dataset folder {dataset} does not exist (expected "
+                                     f"{dataset}/train/<class>/<image>).", "dataset")
         return folder_config(dataset)
-    raise ValueError(f"Unknown dataset {dataset!r}: use one of {sorted(by_name)} or the path "
-                     "of a folder laid out as <path>/train/<class>/<image>.")
+    raise errors.UserError(f"Unknown dataset {dataset!r}: use one of {sorted(by_name)} or the "
+                           "path of a folder laid out as <path>/train/<class>/<image>.",
+                           "dataset")
 
 
 def get_builder(dataset: str, *, data_dir: str | None = None,
@@ -272,23 +277,24 @@ def get_builder(dataset: str, *, data_dir: str | None = None,
     config = resolve_config(dataset)
     if not config.archive_stem:
         if archive is not None:
-            raise ValueError(f"--archive is only for ImageNette/ImageWoof, not folder {dataset}.")
+            raise errors.UserError(
+                f"An archive is only for ImageNette/ImageWoof, not folder {dataset}.", "archive")
         source = pathlib.Path(dataset)
     elif archive is not None:
         source = pathlib.Path(archive).expanduser()
         if not source.exists():
-            raise FileNotFoundError(
-                f"Archive {source} does not exist. Pass --archive=PATH to "
-                f"{config.archive_stem}.tgz or its extracted folder (download: "
-                f"{URL_PREFIX}{config.archive_stem}.tgz).")
+            raise errors.MissingPath(
+                f"Archive {source} does not exist. Give the path of {config.archive_stem}.tgz "
+                f"or of its extracted folder (download: {URL_PREFIX}{config.archive_stem}.tgz).",
+                "archive")
     else:
         source = _find_local_archive(config.archive_stem)
     builder = VisImages(config=config, data_dir=data_dir, source=source)
     if source is None and not download and not builder.is_prepared():
-        raise FileNotFoundError(
+        raise errors.MissingPath(
             f"Dataset {dataset} is neither prepared in {builder.data_dir_root} nor found as "
             f"{config.archive_stem}.tgz (or its folder) in {default_archive_dir()}: put the "
-            f"archive there, set ${DATASETS_ENV} to its folder, or pass its path.")
+            f"archive there, set ${DATASETS_ENV} to its folder, or pass its path.", "archive")
     return builder
 
 
@@ -402,6 +408,15 @@ def _read_split(builder: VisImages, tfds_split: str) -> list[tuple[str, bytes, i
         raise DamagedDatasetError(f"Prepared dataset {builder.info.full_name} is damaged "
                                   f"({cause}). {advice}")
     return records
+
+
+def fingerprint(builder: VisImages) -> dict:
+    """What identifies prepared data wherever it lives: the dataset's name, classes, and each
+    split's examples and bytes (a run may resume on the same data moved elsewhere)."""
+    info = builder.info
+    return {"name": info.full_name, "label_names": list(builder.builder_config.label_names),
+            "splits": {name: [split.num_examples, split.num_bytes]
+                       for name, split in sorted(info.splits.items())}}
 
 
 def summary(builder: VisImages) -> dict:

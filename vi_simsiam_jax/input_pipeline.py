@@ -9,25 +9,30 @@ same seed gives the same batches, and starting at `start_step=k` gives exactly t
 uninterrupted run yields from step k, whatever the number of hosts.
 
 Pretraining (`pretrain_batches`) hands the step uint8 source images; the views are made on the
-device (vi_simsiam_jax.augment), so the host only gathers images. The images come from one of
-two sources, chosen by `pretrain_source`:
-- `SourceImages`: the split decoded once into a uint8 array in host memory (cached as .npy
-  next to the prepared tfds data, so later runs do not decode again);
-- `StreamedImages`: for a split too large for memory, tf.data decodes each image as it is
-  needed and shrinks it to fit a fixed square.
+device (vi_simsiam_jax.augment), so the host only gathers images. Every source image has one
+layout: decoded, shrunk if larger (antialiased, aspect ratio kept) to fit max_side x max_side,
+and zero-padded to the split's canvas (`_fit`): the largest fitted height and width of the
+split (`canvas`), a property of the data and max_side alone, never of the host. The images
+come from one of two sources, chosen by `pretrain_source`, which give the same batches bit for
+bit, so the same views:
+- `SourceImages`: the split decoded and fitted once into a uint8 array in host memory (cached
+  as .npy next to the prepared tfds data, so later runs do not decode again);
+- `StreamedImages`: for a split too large for memory, tf.data decodes and fits each image as it
+  is needed.
 Probe and evaluation pipelines (`probe_train_dataset`, `eval_dataset`) decode and preprocess
 on the host with tf.data.
 
 Each host's batches have leading shape [local_device_count, batch_size // (process_count *
-local_device_count)]. Pretraining batches hold "image" (uint8 [H, W, 3], the image at the
-top-left, zero-padded), "size" (int32 [2], its true height and width), "position" (int32, its
-stream position), "label" and "index" (int32, the example's position in `examples`); probe and
-eval batches hold "image" (float32 NHWC normalised with ImageNet mean/std), "label", "index",
-and for eval "mask" (float32, 0 for padding).
+local_device_count)]. Pretraining batches hold "image" (uint8 [*canvas, 3], the fitted image
+at the top-left, zero-padded), "size" (int32 [2], its fitted height and width),
+"position" (int32, its stream position), "label" and "index" (int32, the example's position in
+`examples`); probe and eval batches hold "image" (float32 NHWC normalised with ImageNet
+mean/std), "label", "index", and for eval "mask" (float32, 0 for padding).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
@@ -39,13 +44,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from vi_simsiam_jax import files
 from vi_simsiam_jax.augment import CROP_RATIO, MEAN_RGB, STDDEV_RGB
 from vi_simsiam_jax.datasets import Examples
 
 EVAL_CROP_FRACTION = 0.875
 SOURCES = ("auto", "memory", "stream")
-# "auto" keeps a split in memory while its padded uint8 array takes at most this fraction of
-# the host's RAM.
+# "auto" keeps a split in memory while its uint8 array takes at most this fraction of the
+# host's RAM (a matter of speed only: both sources give the same batches).
 MEMORY_FRACTION = 0.25
 
 Features = dict[str, tf.Tensor]
@@ -54,10 +60,11 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class SourceImages:
-    """A split decoded into memory: each image at the top-left of a common shape, zero-padded."""
+    """A split decoded into memory, each image fitted as `StreamedImages` fits it (`_fit`): at
+    the top-left of the split's canvas, zero-padded."""
 
-    images: np.ndarray  # uint8 [N, H, W, 3]
-    sizes: np.ndarray  # int32 [N, 2]: true height and width
+    images: np.ndarray  # uint8 [N, *canvas, 3]
+    sizes: np.ndarray  # int32 [N, 2]: height and width after fitting
     labels: np.ndarray  # int32 [N]
 
     def __len__(self) -> int:
@@ -66,8 +73,8 @@ class SourceImages:
 
 @dataclasses.dataclass(frozen=True)
 class StreamedImages:
-    """A split decoded as it is read; images larger than max_side x max_side are shrunk
-    (antialiased, aspect ratio kept) to fit."""
+    """A split decoded as it is read, each image fitted into max_side x max_side and padded to
+    the split's canvas (`_fit`)."""
 
     examples: Examples
     max_side: int
@@ -75,9 +82,42 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @functools.cached_property
+    def canvas(self) -> tuple[int, int]:
+        return canvas(self.examples, self.max_side)
+
 
 def _decode(jpeg: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def _fit(image: tf.Tensor, max_side: int, canvas_size: tuple[int, int]
+         ) -> tuple[tf.Tensor, tf.Tensor]:
+    """A uint8 image shrunk, if needed, to fit max_side x max_side (antialiased, aspect ratio
+    kept; its size as `fitted_sizes` computes it) and padded to canvas_size; and that size."""
+    shape = tf.shape(image)[:2]
+    scale = tf.minimum(1.0, max_side / tf.cast(tf.reduce_max(shape), tf.float32))
+    size = tf.clip_by_value(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32),
+                            1, max_side)
+    image = tf.cond(scale < 1, lambda: tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(image, size, antialias=True), 0, 255)), tf.uint8), lambda: image)
+    return tf.image.pad_to_bounding_box(image, 0, 0, *canvas_size), size
+
+
+def fitted_sizes(sizes: np.ndarray, max_side: int) -> np.ndarray:
+    """int32 [N, 2]: the (height, width) that `_fit` gives images of `sizes`, in its float32
+    arithmetic."""
+    sizes = np.asarray(sizes, np.float32)
+    scale = np.minimum(np.float32(1), np.float32(max_side) / sizes.max(axis=-1, keepdims=True))
+    return np.clip(np.round(sizes * scale), 1, max_side).astype(np.int32)
+
+
+def canvas(examples: Examples, max_side: int) -> tuple[int, int]:
+    """The (height, width) every fitted source image of `examples` is padded to: the split's
+    largest fitted height and width, so an image that fills it needs no padding (a split of
+    one size holds its images as they are)."""
+    height, width = fitted_sizes(jpeg_sizes(examples), max_side).max(axis=0)
+    return int(height), int(width)
 
 
 def jpeg_sizes(examples: Examples) -> np.ndarray:
@@ -87,41 +127,42 @@ def jpeg_sizes(examples: Examples) -> np.ndarray:
     return np.stack(list(shapes.as_numpy_iterator())).astype(np.int32).reshape(-1, 2)
 
 
-def decode_images(examples: Examples, sizes: np.ndarray | None = None) -> SourceImages:
-    """Decodes every image of `examples` into one padded uint8 array (tf.data, all cores);
-    `sizes`, if given, are their `jpeg_sizes`."""
-    sizes = jpeg_sizes(examples) if sizes is None else sizes
-    height, width = sizes.max(axis=0)
-    images = np.zeros((len(examples), height, width, 3), np.uint8)
-    decoded = tf.data.Dataset.from_tensor_slices(examples.images.tolist()).map(
-        _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for i, image in enumerate(decoded.as_numpy_iterator()):
-        images[i, :image.shape[0], :image.shape[1]] = image
+def decode_images(examples: Examples, max_side: int = 256) -> SourceImages:
+    """Decodes and fits (`_fit`) every image of `examples` into one uint8 array (tf.data, all
+    cores): the images `StreamedImages(examples, max_side)` streams."""
+    canvas_size = canvas(examples, max_side)
+    images = np.zeros((len(examples), *canvas_size, 3), np.uint8)
+    sizes = np.zeros((len(examples), 2), np.int32)
+    fitted = tf.data.Dataset.from_tensor_slices(examples.images.tolist()).map(
+        lambda jpeg: _fit(_decode(jpeg), max_side, canvas_size),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for i, (image, size) in enumerate(fitted.as_numpy_iterator()):
+        images[i], sizes[i] = image, size
     return SourceImages(images, sizes, examples.labels)
 
 
-def cached_images(examples: Examples, cache_dir: str,
-                  sizes: np.ndarray | None = None) -> SourceImages:
-    """`decode_images(examples, sizes)`, saved once under cache_dir as .npy and memory-mapped
-    after.
+def cached_images(examples: Examples, cache_dir: str, max_side: int = 256) -> SourceImages:
+    """`decode_images(examples, max_side)`, saved once under cache_dir as .npy and
+    memory-mapped after.
 
-    The files are named by a hash of the split's file names, so another split or a re-prepared
-    dataset gets its own; each is written under a temporary name and renamed when complete.
+    The files are named by a hash of the split's file names and by max_side, so another split,
+    a re-prepared dataset or another max_side gets its own (and the caches of the layout before
+    `_fit`, named by the hash alone, are never read); each is written whole or not at all.
     """
     digest = hashlib.sha256("\n".join(examples.file_names).encode()).hexdigest()[:16]
-    paths = {name: os.path.join(cache_dir, f"{digest}-{name}.npy") for name in ("images", "sizes")}
+    paths = {name: os.path.join(cache_dir, f"{digest}-fit{max_side}-{name}.npy")
+             for name in ("images", "sizes")}
     if not all(os.path.exists(p) for p in paths.values()):
         logging.info("Decoding %d images into %s.", len(examples), cache_dir)
-        decoded = decode_images(examples, sizes)
+        decoded = decode_images(examples, max_side)
         os.makedirs(cache_dir, exist_ok=True)
         for name, path in paths.items():  # sizes last: its presence marks a complete pair
-            temporary = f"{path}.{os.getpid()}.tmp"
-            with open(temporary, "wb") as f:
+            with files.atomic_write(path, "wb") as f:  # a full disk: named, nothing left
                 np.save(f, getattr(decoded, name))
-            os.replace(temporary, path)
     sizes = np.load(paths["sizes"])
     images = np.load(paths["images"], mmap_mode="r")
-    if len(sizes) != len(examples) or images.shape[:1] != sizes.shape[:1]:
+    if sizes.shape != (len(examples), 2) or images.shape != (len(examples),
+                                                             *canvas(examples, max_side), 3):
         raise ValueError(f"Decoded-image cache {paths['images']} does not match the split's "
                          f"{len(examples)} images; delete it to decode again.")
     return SourceImages(images, sizes, examples.labels)
@@ -129,22 +170,22 @@ def cached_images(examples: Examples, cache_dir: str,
 
 def pretrain_source(examples: Examples, source: str = "auto", *, cache_dir: str,
                     stream_max_side: int = 256) -> SourceImages | StreamedImages:
-    """The pretraining images: in memory ("memory"), streamed ("stream"), or "auto": in memory
-    when the padded uint8 array takes at most MEMORY_FRACTION of the host's RAM."""
+    """The pretraining images, each fitted into stream_max_side x stream_max_side on the
+    split's canvas (in either source; the name is the config field's): in memory ("memory"),
+    streamed ("stream"), or "auto": in memory when the uint8 array takes at most
+    MEMORY_FRACTION of the host's RAM."""
     if source not in SOURCES:
         raise ValueError(f"Unknown image source {source!r}; expected one of {SOURCES}.")
-    sizes = None
     if source == "auto":
-        sizes = jpeg_sizes(examples)
-        height, width = sizes.max(axis=0)
-        array_bytes = len(examples) * int(height) * int(width) * 3
+        height, width = canvas(examples, stream_max_side)
+        array_bytes = len(examples) * height * width * 3
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         source = "memory" if array_bytes <= MEMORY_FRACTION * ram else "stream"
         logging.info("Pretraining images %s: %d x %dx%d uint8 = %.2f GB, host RAM %.1f GB.",
-                     "in memory" if source == "memory" else "streamed", len(examples), height,
-                     width, array_bytes / 1e9, ram / 1e9)
+                     "in memory" if source == "memory" else "streamed", len(examples),
+                     height, width, array_bytes / 1e9, ram / 1e9)
     if source == "memory":
-        return cached_images(examples, cache_dir, sizes)
+        return cached_images(examples, cache_dir, stream_max_side)
     return StreamedImages(examples, stream_max_side)
 
 
@@ -203,26 +244,15 @@ def pretrain_batches(source: SourceImages | StreamedImages, *, batch_size: int, 
                           devices)
 
 
-def _fit(image: tf.Tensor, max_side: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """A uint8 image shrunk, if needed, to fit max_side x max_side (antialiased, aspect ratio
-    kept) and padded to that square; and its size after shrinking."""
-    shape = tf.shape(image)[:2]
-    scale = tf.minimum(1.0, max_side / tf.cast(tf.reduce_max(shape), tf.float32))
-    size = tf.clip_by_value(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32),
-                            1, max_side)
-    image = tf.cond(scale < 1, lambda: tf.cast(tf.round(tf.clip_by_value(
-        tf.image.resize(image, size, antialias=True), 0, 255)), tf.uint8), lambda: image)
-    return tf.image.pad_to_bounding_box(image, 0, 0, max_side, max_side), size
-
-
 def _streamed_batches(source: StreamedImages, indices: Iterator[tuple[np.ndarray, np.ndarray]],
                       host_batch: int, devices: int) -> Iterator[Batch]:
     """tf.data decodes and fits each image of the index stream, on all cores, in order."""
     jpegs = tf.constant(source.examples.images.tolist(), dtype=tf.string)
     labels = tf.constant(source.examples.labels, dtype=tf.int32)
+    canvas_size = source.canvas  # read here: tf.data traces `element` in graph mode
 
     def element(index: tf.Tensor, position: tf.Tensor) -> Features:
-        image, size = _fit(_decode(tf.gather(jpegs, index)), source.max_side)
+        image, size = _fit(_decode(tf.gather(jpegs, index)), source.max_side, canvas_size)
         return {"image": image, "size": size, "position": tf.cast(position, tf.int32),
                 "label": tf.gather(labels, index), "index": tf.cast(index, tf.int32)}
 

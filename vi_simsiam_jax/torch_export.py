@@ -19,13 +19,14 @@ A checkpoint with the "cifar" stem has a 3x3 conv1 and no max-pool: set
 before loading. The file's metadata records the stem, width, method and step.
 """
 
-import os
 import re
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
+
+from vi_simsiam_jax import files
 
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _HEAD_MODULES = {  # flax (module, layer) -> reference index in the nn.Sequential
@@ -77,7 +78,6 @@ def torch_state_dict(variables: dict[str, Any], step: int, dtype: Any = np.float
 
 
 def save(path: str, state: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Writes `state` to a .safetensors file atomically (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    safetensors.numpy.save_file(state, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    """Writes `state` to a .safetensors file, whole or not at all."""
+    with files.replaced_on_success(path) as temporary:
+        safetensors.numpy.save_file(state, temporary, metadata=metadata)

@@ -34,10 +34,12 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.local_size = 64
     config.local_scale = (0.05, 0.2)
     config.blur_relative = False  # True: blur sigma scaled by crop size / 224
-    # Source images, augmented on the device: decoded once and held in memory ("memory"), or
-    # decoded as read and shrunk to fit stream_max_side x stream_max_side ("stream"); "auto"
-    # picks memory when the split fits in a quarter of the host's RAM (input_pipeline). 256 px
-    # is a pipeline setting, not a tuned one: above every crop size of the configs (<= 224).
+    # Source images, augmented on the device: each shrunk, if larger, to fit stream_max_side x
+    # stream_max_side (in both modes, despite the name) and padded to the split's canvas (its
+    # largest fitted height x width); decoded once and held in memory ("memory") or decoded as
+    # read ("stream"), the same images either way; "auto" picks memory when the split fits in a
+    # quarter of the host's RAM (input_pipeline). 256 px is a pipeline setting, not a tuned one:
+    # above every crop size of the configs (<= 224).
     config.source_images = "auto"
     config.stream_max_side = 256
 

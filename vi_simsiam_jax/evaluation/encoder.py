@@ -17,7 +17,8 @@ import tensorflow as tf
 from absl import logging
 from orbax.checkpoint import checkpoint_manager as ocp_manager
 
-from vi_simsiam_jax import checkpoints, datasets, input_pipeline, models, train_state
+from vi_simsiam_jax import (checkpoints, datasets, input_pipeline, models, run_config,
+                            train_state)
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -84,7 +85,7 @@ def restore_encoder(workdir: str, config: ml_collections.ConfigDict, model: mode
             saved = ocp.StandardCheckpointer().metadata(path).item_metadata
             check_architecture({"params": saved.get("params", {})},
                                {"params": abstract["params"]}, str(path),
-                               os.path.join(workdir, checkpoints.CONFIG_FILE))
+                               os.path.join(workdir, run_config.CONFIG_FILE))
         restored = checkpoints.restore_latest(
             manager, {**abstract, "step": jax.ShapeDtypeStruct((), jnp.int32)}, step,
             partial=True)
@@ -218,7 +219,7 @@ def load(workdir: str, step: int | None = None, random_init: bool = False,
     random_init: the run's initial weights instead; half_precision: the encoder computes in
     bfloat16 (`train_state.make_model`), whatever the pretraining did; its features are float32
     either way."""
-    config = checkpoints.load_config(workdir)
+    config = run_config.load_config(workdir)
     model = train_state.make_model(config, axis_name=None, half_precision=half_precision)
     if random_init:
         variables, step = init_encoder(config, model), 0
