@@ -4,8 +4,8 @@ r"""Prepares a dataset once into a TFDS data_dir and prints one JSON line descri
 
 --dataset: imagenette | imagewoof (160px), a config such as imagenette-320px, or the path of
 a folder laid out as <path>/train/<class>/<image> (and optionally <path>/val/...).
---archive: fast.ai .tgz or its extracted folder (ImageNette/ImageWoof only); default: looked
-up in $VI_SIMSIAM_DATASETS (else <repo>/../shared/datasets), else downloaded from fast.ai.
+--archive: a named dataset's .tgz or its extracted folder (not for a folder dataset); default:
+looked up in $VI_SIMSIAM_DATASETS (else <repo>/../shared/datasets), else downloaded from its url.
 Unreadable images are skipped; their paths are logged and listed under "skipped_files".
 """
 
@@ -20,7 +20,8 @@ from absl import app, flags
 from vi_simsiam_jax import datasets
 
 _DATASET = flags.DEFINE_string("dataset", "imagenette", "Dataset name or folder path.")
-_ARCHIVE = flags.DEFINE_string("archive", None, "Local fast.ai archive (.tgz) or folder.")
+_ARCHIVE = flags.DEFINE_string("archive", None,
+                               "Local archive (.tgz) of a named dataset, or its folder.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: tfds's).")
 
 

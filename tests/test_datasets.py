@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests import fake_archives, pretrain_utils
-from vi_simsiam_jax import datasets
+from vi_simsiam_jax import datasets, errors, loop
 
 WNIDS = sorted(datasets.IMAGENETTE_CLASSES)
 
@@ -173,6 +173,31 @@ def test_archive_members_in_any_order(tmp_path):
     builder = datasets.prepare("imagenette", data_dir=str(tmp_path / "tfds"), archive=archive)
     assert (builder.info.splits["train"].num_examples,
             builder.info.splits["validation"].num_examples) == (1, 2)
+
+
+def test_a_new_named_dataset_is_one_config_and_bounds_the_crops(tmp_path, monkeypatch):
+    """An ImagesConfig added to NAMED_CONFIGS is found by name, its archive by its stem in
+    $VI_SIMSIAM_DATASETS; pretraining refuses crops larger than its image_size (the field, not
+    a size in the stem) before writing anything."""
+    classes = ["a", "b"]
+    new = datasets.ImagesConfig(
+        name="tiny", description="A tiny named dataset.", label_names=tuple(classes),
+        label_descriptions=tuple(classes), archive_stem="tiny2-99",
+        url="https://example.invalid/tiny2-99.tgz", image_size=12)
+    monkeypatch.setattr(datasets, "NAMED_CONFIGS", (*datasets.NAMED_CONFIGS, new))
+    assert datasets.resolve_config("tiny") is new
+    folder = tmp_path / "src" / new.archive_stem
+    fake_archives.make_folder(folder, classes, n_train=2, n_val=1, extras=False)
+    fake_archives.make_archive(tmp_path / f"{new.archive_stem}.tgz", folder)
+    monkeypatch.setenv(datasets.DATASETS_ENV, str(tmp_path))
+    config = pretrain_utils.config(("tiny", str(tmp_path / "tfds")))
+    assert config.global_size > new.image_size >= config.local_size
+    workdir = tmp_path / "work"
+    with pytest.raises(errors.UserError, match=rf"config\.global_size = {config.global_size}: "
+                       rf"larger than the {new.image_size} px images of tiny\."):
+        loop.pretrain(config, str(workdir))
+    assert not workdir.exists()
+    assert datasets.get_builder("tiny", data_dir=str(tmp_path / "tfds")).is_prepared()
 
 
 def test_loading_unprepared_dataset_names_data_dir(tmp_path):

@@ -7,10 +7,11 @@ All datasets go through one TFDS builder, registered as `vi_simsiam_images` (tfd
 `<data_dir>/vi_simsiam_images/<config>/<version>/` (data_dir defaults to tfds's, i.e.
 `$TFDS_DATA_DIR` or `~/tensorflow_datasets`) and is reused once written.
 
-Sources: a fast.ai archive (`imagenette2-160.tgz`, ...) or its extracted folder, found at
-`--archive`, else in `$VI_SIMSIAM_DATASETS` (default `<repo>/../shared/datasets`), else
-downloaded from fast.ai's S3 bucket. A user's folder holds `train/<class>/*` and optionally
-`val/<class>/*`.
+Sources: a named dataset's archive (`imagenette2-160.tgz`, ...) or its extracted folder,
+found at `--archive`, else in `$VI_SIMSIAM_DATASETS` (default `<repo>/../shared/datasets`), else
+downloaded from its config's `url`. A user's folder holds `train/<class>/*` and optionally
+`val/<class>/*`. A named dataset is one `ImagesConfig` in `NAMED_CONFIGS`: class names, archive
+stem, url and image size; `resolve_config` then finds it by its name.
 
 Preparation policy:
 - Labels are the sorted class-folder names (wnids for ImageNette/ImageWoof); human-readable
@@ -72,7 +73,8 @@ IMAGEWOOF_CLASSES = {
     "n02115641": "dingo",
 }
 _FAMILIES = {"imagenette": IMAGENETTE_CLASSES, "imagewoof": IMAGEWOOF_CLASSES}
-_SIZES = {"160px": "-160", "320px": "-320", "full-size": ""}
+# fast.ai's variants: the shorter side their images are resized to (None: full size).
+_SIZES = {"160px": 160, "320px": 320, "full-size": None}
 # Folder names accepted for each TFDS split.
 _SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation")}
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -80,25 +82,38 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 @dataclasses.dataclass(eq=False)
 class ImagesConfig(tfds.core.BuilderConfig):
-    """A dataset: its class names and, for fast.ai datasets, the archive stem."""
+    """A dataset: its class names and, for a named dataset, where its archive comes from.
+
+    Of its own fields only `name` and `description` are written with prepared data (in
+    dataset_info.json); the others describe the source, so adding one leaves prepared data
+    valid.
+    """
 
     label_names: tuple[str, ...] = ()
     label_descriptions: tuple[str, ...] = ()
-    archive_stem: str = ""  # e.g. 'imagenette2-160'; empty for a user's folder.
+    # e.g. 'imagenette2-160': <stem>.tgz, <stem>.tar.gz or folder <stem>; empty for a folder.
+    archive_stem: str = ""
+    url: str = ""  # the archive's download
+    image_size: int | None = None  # the shorter side of its images; None: full size/unknown
 
 
 def _fastai_config(family: str, size: str) -> ImagesConfig:
     classes = _FAMILIES[family]
+    image_size = _SIZES[size]
+    stem = f"{family}2" + (f"-{image_size}" if image_size else "")
     return ImagesConfig(
         name=f"{family}-{size}",
         description=f"fast.ai {family}2, {size} images.",
         label_names=tuple(sorted(classes)),
         label_descriptions=tuple(classes[k] for k in sorted(classes)),
-        archive_stem=f"{family}2{_SIZES[size]}",
+        archive_stem=stem,
+        url=f"{URL_PREFIX}{stem}.tgz",
+        image_size=image_size,
     )
 
 
-FASTAI_CONFIGS = tuple(_fastai_config(f, s) for f in _FAMILIES for s in _SIZES)
+# Every named dataset (append a new one's ImagesConfig here).
+NAMED_CONFIGS = tuple(_fastai_config(f, s) for f in _FAMILIES for s in _SIZES)
 
 
 def default_archive_dir() -> pathlib.Path:
@@ -129,14 +144,14 @@ def folder_config(path: str | os.PathLike[str]) -> ImagesConfig:
 
 
 class VisImages(tfds.core.GeneratorBasedBuilder):
-    """ImageNette/ImageWoof (or an image folder) as RGB JPEG images with class labels."""
+    """A named dataset (or an image folder) as RGB JPEG images with class labels."""
 
     name = "vi_simsiam_images"
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = list(FASTAI_CONFIGS)
+    BUILDER_CONFIGS = list(NAMED_CONFIGS)
 
     def __init__(self, *, source: str | os.PathLike[str] | None = None, **kwargs):
-        """`source`: archive or folder to read; None downloads fast.ai's archive."""
+        """`source`: archive or folder to read; None downloads the config's url."""
         self._source = None if source is None else pathlib.Path(source)
         super().__init__(**kwargs)
 
@@ -170,7 +185,7 @@ class VisImages(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(iter_files, s, location) for s in splits}
 
     def _download(self, dl_manager: tfds.download.DownloadManager) -> pathlib.Path:
-        url = f"{URL_PREFIX}{self.builder_config.archive_stem}.tgz"
+        url = self.builder_config.url
         logging.warning("No %s.tgz or folder in %s: downloading %s (offline: use --archive).",
                         self.builder_config.archive_stem, default_archive_dir(), url)
         try:
@@ -250,8 +265,9 @@ def _find_local_archive(stem: str) -> pathlib.Path | None:
 
 
 def resolve_config(dataset: str) -> ImagesConfig:
-    """`imagenette`/`imagewoof` (160px), a config name like `imagenette-320px`, or a folder."""
-    by_name = {c.name: c for c in FASTAI_CONFIGS}
+    """`imagenette`/`imagewoof` (160px), a config name of NAMED_CONFIGS like
+    `imagenette-320px`, or a folder."""
+    by_name = {c.name: c for c in NAMED_CONFIGS}
     by_name.update({f: by_name[f"{f}-160px"] for f in _FAMILIES})
     if dataset in by_name:
         return by_name[dataset]
@@ -270,7 +286,7 @@ def get_builder(dataset: str, *, data_dir: str | None = None,
                 download: bool = True) -> VisImages:
     """The builder for `dataset` (see `resolve_config`), reading `archive` if given.
 
-    `archive` (a fast.ai .tgz or its extracted folder) only applies to ImageNette/ImageWoof;
+    `archive` (a named dataset's .tgz or its extracted folder) only applies to named datasets;
     without it the archive is looked up in `default_archive_dir()`, then downloaded unless
     `download` is False (FileNotFoundError then, if the dataset is not prepared either).
     """
@@ -278,14 +294,14 @@ def get_builder(dataset: str, *, data_dir: str | None = None,
     if not config.archive_stem:
         if archive is not None:
             raise errors.UserError(
-                f"An archive is only for ImageNette/ImageWoof, not folder {dataset}.", "archive")
+                f"An archive is only for named datasets, not folder {dataset}.", "archive")
         source = pathlib.Path(dataset)
     elif archive is not None:
         source = pathlib.Path(archive).expanduser()
         if not source.exists():
             raise errors.MissingPath(
                 f"Archive {source} does not exist. Give the path of {config.archive_stem}.tgz "
-                f"or of its extracted folder (download: {URL_PREFIX}{config.archive_stem}.tgz).",
+                f"or of its extracted folder (download: {config.url}).",
                 "archive")
     else:
         source = _find_local_archive(config.archive_stem)

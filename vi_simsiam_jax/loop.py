@@ -82,15 +82,15 @@ def _unreplicate(tree: Any) -> Any:
 
 
 def _prepared_dataset(config: ml_collections.ConfigDict) -> datasets.VisImages:
-    """The prepared dataset config names; crops may not exceed the shorter side of a fast.ai
-    variant (e.g. 160 px for imagenette2-160)."""
+    """The prepared dataset config names; crops may not exceed the shorter side of a named
+    dataset's images (its ImagesConfig.image_size, e.g. 160 for imagenette-160px)."""
     try:
         builder = datasets.prepare_from_config(config)
     except errors.UserError as error:  # a dataset, archive or data_dir of the config
         raise type(error)(str(error), f"config.{error.setting}") from None
-    image_size = builder.builder_config.archive_stem.rsplit("-", 1)[-1]
+    image_size = builder.builder_config.image_size
     for name in ("global_size", "local_size"):
-        if image_size.isdigit() and config[name] > int(image_size):
+        if image_size is not None and config[name] > image_size:
             raise errors.UserError(f"Invalid config.{name} = {config[name]}: larger than the "
                                    f"{image_size} px images of {config.dataset}.",
                                    f"config.{name}")
