@@ -1,6 +1,11 @@
 """Summaries over seeds: mean +- sample standard deviation, and the paired difference of two
 methods with its t-distribution confidence interval, the exact Wilcoxon signed-rank p and a
-paired bootstrap interval (seeds as the unit of replication)."""
+paired bootstrap interval (seeds as the unit of replication).
+
+Only experiments/table1_report.py uses it, yet it stays here: it is the analysis code of the
+confirmatory Table 1 protocol (experiments/confirm_table1.py, issue 48), which names it as
+vi_simsiam_jax.evaluation.statistics and holds it fixed at the protocol's commit, so moving it
+beside table1_report would change the files that protocol names."""
 
 from collections.abc import Mapping
 
