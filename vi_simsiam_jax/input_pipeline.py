@@ -386,7 +386,10 @@ def random_resized_crop(image: tf.Tensor, rng: tf.Tensor, size: int,
     """torchvision RandomResizedCrop on a uint8 image; returns float32 [size, size, 3] in [0, 1].
 
     Tries `attempts` (area fraction, log-uniform aspect ratio) boxes and takes the first that
-    fits, else a centre crop with the aspect ratio clamped to `ratio`.
+    fits, else a centre crop with the aspect ratio clamped to `ratio`. Its user is the linear
+    probe's augmented training views (`probe_train_dataset`), made per image in tf.data on the
+    host and batched as fixed-size crops; augment.py's JAX crop works on the device on padded
+    source batches, which only the pretraining pipeline makes.
     """
     area_rng, ratio_rng, y_rng, x_rng = _split(rng, 4)
     shape = tf.shape(image)
