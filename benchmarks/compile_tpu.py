@@ -122,9 +122,9 @@ def pretrain_step(devices: list[jax.Device], batch_size: int, half_precision: bo
              "size": jax.ShapeDtypeStruct((n, per_device, 2), jnp.int32),
              "position": jax.ShapeDtypeStruct((n, per_device), jnp.int32)}
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
-    step = train.make_p_train_step(model, config, IMAGENETTE_TRAIN // batch_size,
-                                   devices=devices)
-    return (lambda: step.lower(state, batch, keys)), {
+    step = train.make_p_train_step(model, config, devices=devices)
+    hyper = train_state.hyperparameters(config, IMAGENETTE_TRAIN // batch_size)
+    return (lambda: step.lower(state, batch, keys, hyper)), {
         "chips": n, "images_per_step": batch_size, "per_chip_batch": per_device,
         "views": [list(shape[1:3]) for shape in train_state.view_shapes(config, batch_size)]}
 

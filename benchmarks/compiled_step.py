@@ -24,15 +24,14 @@ class CompiledStep:
     def __init__(self, config: ml_collections.ConfigDict, model: models.SiameseNet, *,
                  augment_views: bool = True):
         device = jax.local_devices()[0]
-        state = train_state.create_train_state(jax.random.key(0), config, model,
-                                               STEPS_PER_EPOCH)
+        state = train_state.create_train_state(jax.random.key(0), config, model)
         self.state = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None], state), device)
         self.inputs = jax.device_put(synthetic_inputs(config, augment_views), device)
         self.keys = jax.random.split(jax.random.key(1), 1)
+        self.hyper = train_state.hyperparameters(config, STEPS_PER_EPOCH)
         # The pretraining loop's pmapped step; its inputs' leading axis of 1 puts it on `device`.
-        self.lowered = train.make_p_train_step(
-            model, config, STEPS_PER_EPOCH, augment_views=augment_views).lower(
-                self.state, self.inputs, self.keys)
+        self.lowered = train.make_p_train_step(model, config, augment_views=augment_views).lower(
+            self.state, self.inputs, self.keys, self.hyper)
         start = time.perf_counter()
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - start
@@ -45,7 +44,7 @@ class CompiledStep:
         return self.compile_s + time.perf_counter() - start
 
     def step(self) -> dict[str, jax.Array]:
-        self.state, metrics = self.compiled(self.state, self.inputs, self.keys)
+        self.state, metrics = self.compiled(self.state, self.inputs, self.keys, self.hyper)
         jax.block_until_ready(metrics)
         return metrics
 

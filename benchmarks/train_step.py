@@ -68,7 +68,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import compiled_step, peak_flops, peer  # noqa: E402
 from experiments.configs import paper  # noqa: E402
-from vi_simsiam_jax import loop, models, train, train_state  # noqa: E402
+from vi_simsiam_jax import backends, loop, models, train, train_state  # noqa: E402
 from vi_simsiam_jax.cpu import conv as conv_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,10 +89,9 @@ flags.DEFINE_integer("steps", 5, "Timed steps per round, of each framework.")
 flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, PyTorch) steps; medians over every step.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps of each framework after its first (XLA:CPU's "
                      "heap grows to its peak, with page faults, over the first few steps).")
-flags.DEFINE_enum("conv", "backend", ["backend", "native"] + list(conv_lib.POLICIES),
-                  "Convolution: 'backend' = whatever train_state.make_model picks; "
-                  "'native' = nn.Conv; 'auto'/'im2col' = the CPU formulations of "
-                  "vi_simsiam_jax.cpu.conv.")
+flags.DEFINE_enum("conv", None, list(backends.LAYER_CHOICES),
+                  "Overrides config.conv (vi_simsiam_jax.backends): 'auto' = the backend's "
+                  "layers; 'xla' = XLA's own; 'cpu_<policy>' = the CPU plans with that policy.")
 flags.DEFINE_string("torch_python", "/tmp/torchref/bin/python" if os.path.exists(
     "/tmp/torchref/bin/python") else "", "Interpreter with torch for the reference; empty: skip.")
 flags.DEFINE_string("torch_script", str(pathlib.Path(__file__).resolve().parents[2]
@@ -108,9 +107,15 @@ FLAGS = flags.FLAGS
 
 
 def bench_config():
-    """--config, or paper.py with the reference's shapes: `views` global crops, no local crops."""
-    if _CONFIG.value is not None:
-        return _CONFIG.value
+    """--config, or paper.py with the reference's shapes: `views` global crops, no local crops;
+    --conv's layers if given."""
+    config = _CONFIG.value if _CONFIG.value is not None else _reference_config()
+    if FLAGS.conv:
+        config.conv = FLAGS.conv
+    return config
+
+
+def _reference_config():
     config = paper.get_config(f"imagenette,{FLAGS.method}")
     config.global_crops, config.local_crops = FLAGS.views, 0
     config.global_size = FLAGS.image_size
@@ -119,15 +124,6 @@ def bench_config():
                         dim=FLAGS.dim, pred_dim=FLAGS.pred_dim, bn_views=FLAGS.bn_views)
     config.loss_reduction = "mean"  # the reference's scale
     return config
-
-
-def make_model(config):
-    model = train_state.make_model(config)
-    if FLAGS.conv == "native":
-        model = model.clone(conv=conv_lib.nn.Conv)
-    elif FLAGS.conv != "backend":
-        model = model.clone(conv=conv_lib.cpu_conv(FLAGS.conv))
-    return model
 
 
 def _cost(compiled) -> float:
@@ -141,15 +137,15 @@ class JaxStep(compiled_step.CompiledStep):
     """The compiled step of `config` (with --conv) on one device, and its FLOPs."""
 
     def __init__(self, config, augment_views: bool):
-        model = make_model(config)
+        model = train_state.make_model(config)
         super().__init__(config, model, augment_views=augment_views)
         self.flops = _cost(self.compiled)
         # The direct method's arithmetic (what PyTorch computes): XLA's count for the same step
         # with nn.Conv, before compilation.
         native_step = train.make_p_train_step(model.clone(conv=conv_lib.nn.Conv), config,
-                                              compiled_step.STEPS_PER_EPOCH,
                                               augment_views=augment_views)
-        self.direct_flops = _cost(native_step.lower(self.state, self.inputs, self.keys))
+        self.direct_flops = _cost(native_step.lower(self.state, self.inputs, self.keys,
+                                                    self.hyper))
         self.first_step_s = self.first_step()
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from vi_simsiam_jax.cpu import conv as conv_lib
-from vi_simsiam_jax.cpu import layers, pooling
+from vi_simsiam_jax import backends
+from vi_simsiam_jax.cpu import pooling
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -208,13 +209,13 @@ def test_taps_refuses_strided_convolutions():
 
 
 def test_backend_selection():
-    assert layers.select("auto", "gpu") == (nn.Conv, nn.max_pool)
-    assert layers.select("auto", "tpu") == (nn.Conv, nn.max_pool)
-    assert layers.select("auto", "cpu") == (conv_lib.CpuConv, pooling.max_pool)
+    assert backends.select("auto", "gpu") == (nn.Conv, nn.max_pool)
+    assert backends.select("auto", "tpu") == (nn.Conv, nn.max_pool)
+    assert backends.select("auto", "cpu") == (conv_lib.CpuConv, pooling.max_pool)
     assert conv_lib.CpuConv.func is nn.Conv
-    assert layers.select("xla", "cpu") == (nn.Conv, nn.max_pool)
-    with pytest.raises(ValueError, match="conv must be one of"):
-        layers.select("cudnn")
+    assert backends.select("xla", "cpu") == (nn.Conv, nn.max_pool)
+    im2col, _ = backends.select("cpu_im2col", "gpu")
+    assert im2col.keywords["conv_general_dilated"].__name__.endswith("_im2col")
 
 
 @pytest.mark.parametrize("window,strides,padding", [

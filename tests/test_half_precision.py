@@ -54,7 +54,7 @@ def _trajectory(half_precision: bool, round_inputs: bool = False):
     """(per-step metrics, final state) of STEPS steps from the seed-0 initial state."""
     config = _config(half_precision)
     model, step = _step(half_precision)
-    state = train_state.create_train_state(jax.random.key(0), config, model, STEPS)
+    state = train_state.create_train_state(jax.random.key(0), config, model)
     views = _batch(config)
     if round_inputs:
         views = [np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for v in views]
@@ -77,7 +77,7 @@ def test_same_initial_state_whatever_the_precision():
     """Parameters are float32 in both precisions and drawn alike; the state's shapes and dtypes
     (what a checkpoint holds) do not depend on the switch."""
     states = [train_state.create_train_state(
-        jax.random.key(0), _config(hp), train_state.make_model(_config(hp), axis_name=None), 1)
+        jax.random.key(0), _config(hp), train_state.make_model(_config(hp), axis_name=None))
         for hp in (False, True)]
     jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
     abstract = [train_state.abstract_train_state(_config(hp), train_state.make_model(_config(hp)))

@@ -46,7 +46,7 @@ def saved(tmp_path_factory):
     os.makedirs(workdir)
     run_config.save_config(workdir, config)
     state = train_state.create_train_state(jax.random.key(config.seed), config,
-                                     train_state.make_model(config, axis_name=None), 1)
+                                     train_state.make_model(config, axis_name=None))
     state = state.replace(step=3, params=jax.tree.map(lambda x: x + 0.01, state.params))
     manager = checkpoints.manager(workdir, config)
     manager.save(3, args=ocp.args.StandardSave(state))

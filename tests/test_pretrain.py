@@ -1,5 +1,6 @@
 """The pretraining loop: exact resume after SIGKILL, NaN handling, outputs, config errors."""
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import tensorflow as tf
 
 from tests import tiny_config
 from tests.pretrain_utils import ENV, REPO, command, config, restore
-from vi_simsiam_jax import augment, checkpoints, errors, loop, run_config
+from vi_simsiam_jax import (augment, checkpoints, config_schema, datasets, errors, loop,
+                            run_config)
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     """8 steps, checkpoints every 2: killed after the first, resumed, equal to a whole run."""
@@ -147,8 +149,10 @@ def test_a_mistyped_path_writes_nothing_and_the_corrected_command_trains(pretrai
 
 def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pretrain_data,
                                                                              tmp_path):
-    """Four steps, one compilation of the pmapped step (counted as lowerings, which a persistent
-    compilation cache does not skip); then the files a run writes."""
+    """Four steps, at most one compilation of the pmapped step (counted as lowerings, which a
+    persistent compilation cache does not skip; none if an earlier test of this process ran
+    the same step), and none for a run that differs only in its learning rate and length (the
+    step's runtime `Hyperparameters`); then the files a run writes."""
     lowered = []
 
     def listener(event, duration, fun_name=None, **kwargs):
@@ -158,9 +162,12 @@ def test_run_compiles_its_step_once_and_writes_checkpoints_events_and_metrics(pr
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         final = loop.pretrain(config(pretrain_data, num_epochs=1), str(tmp_path))
+        first = len(lowered)
+        loop.pretrain(config(pretrain_data, num_epochs=2, learning_rate=0.02),
+                      str(tmp_path / "another"))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert len(lowered) == 1
+    assert first <= 1 and len(lowered) == first
     assert int(final.step) == 4
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -187,14 +194,14 @@ def test_bad_flags_give_clear_errors(pretrain_data, tmp_path, override, message)
     ("batch_size", 0), ("batch_size", 6), ("warmup_epochs", 3), ("local_scale", (0.5, 0.2)),
 ])
 def test_invalid_config_values_are_named(field, value):
-    """`loop.validate_config` (which pretraining runs first, see the flags test above) names
+    """`config_schema.validate` (which pretraining runs first, see the flags test above) names
     the field, its value and what it must be; batch 6 does not split over 4 devices."""
     bad = tiny_config.get_config()
     parent, _, name = ("." + field).rpartition(".")
     (bad[parent[1:]] if parent else bad)[name] = value
     with pytest.raises(ValueError, match=rf"config\.{field} = {re.escape(repr(value))}"):
-        loop.validate_config(bad, num_devices=4)
-    loop.validate_config(tiny_config.get_config(), num_devices=4)
+        config_schema.validate(bad, num_devices=4)
+    config_schema.validate(tiny_config.get_config(), num_devices=4)
 
 
 def test_missing_dataset_names_the_path(tmp_path):
@@ -203,15 +210,31 @@ def test_missing_dataset_names_the_path(tmp_path):
         loop.pretrain(config, str(tmp_path / "work"))
 
 
+@dataclasses.dataclass
+class _FeatureNorm:
+    """An in-training evaluation added without editing the loop: the mean feature norm."""
+
+    examples: datasets.Examples
+    every_epochs: int = 2
+
+    def evaluate(self, frozen):
+        return {"feature_norm": float(np.linalg.norm(
+            frozen.features(self.examples, 8, 16).features, axis=1).mean())}
+
+
 def test_knn_monitor_logs_a_curve_and_leaves_training_unchanged(pretrain_data, tmp_path):
     """eval_every_epochs=1 over 2 epochs: kNN top-1 on the local split at steps 4 and 8 in
-    metrics.jsonl and TensorBoard, and the same final state, bit for bit, as with it off."""
+    metrics.jsonl and TensorBoard, and the same final state, bit for bit, as with it off; an
+    evaluation passed to `pretrain` runs at its own interval (step 8) beside it."""
 
     final = {}
+    examples = datasets.load_examples(datasets.get_builder(pretrain_data[0],
+                                                           data_dir=pretrain_data[1]), "train")
     for every in (1, 0):
         workdir = tmp_path / f"eval_every_{every}"
         final[every] = loop.pretrain(config(pretrain_data, eval_every_epochs=every),
-                                     str(workdir))
+                                     str(workdir),
+                                     evaluations=[_FeatureNorm(examples)] if every else ())
     fields = [jax.device_get((s.step, s.params, s.batch_stats, s.opt_state))
               for s in (final[1], final[0])]
     jax.tree.map(np.testing.assert_array_equal, *fields)
@@ -219,6 +242,7 @@ def test_knn_monitor_logs_a_curve_and_leaves_training_unchanged(pretrain_data, t
                (tmp_path / "eval_every_1" / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in records if "knn_top1_local_val" in r]
     assert [r["step"] for r in curve] == [4, 8]
+    assert [r["step"] for r in records if "feature_norm" in r] == [8]
     assert all(0 <= r["knn_top1_local_val"] <= 100 and r["knn_eval_s"] > 0 for r in curve)
     assert not any("knn_top1_local_val" in json.loads(line) for line in
                    (tmp_path / "eval_every_0" / "metrics.jsonl").read_text().splitlines())

@@ -133,7 +133,7 @@ def _train_jax(config, batches):
     """STEPS steps of train.train_step in float64; initial and final variables, losses."""
     with jax.enable_x64(True):
         model = float64.model(train_state.make_model(config, axis_name=None))
-        state = train_state.create_train_state(jax.random.key(config.seed), config, model, STEPS)
+        state = train_state.create_train_state(jax.random.key(config.seed), config, model)
         initial = {"params": state.params, "batch_stats": state.batch_stats}
         step = jax.jit(train.configured_train_step(model, config, STEPS))
         step_losses = []

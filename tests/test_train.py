@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests import tiny_config as tiny_config_file
@@ -32,7 +33,7 @@ def _initial_state(target: str = "stopgrad"):
     config = tiny_config(target=target)
     config.model.dtype = "float64"
     return train_state.create_train_state(jax.random.key(0), config,
-                                         train_state.make_model(config), 10)
+                                         train_state.make_model(config))
 
 
 @functools.cache
@@ -94,16 +95,14 @@ def test_ema_target_follows_the_scheduled_decay():
     tau_0 * initial + (1 - tau_0) * updated."""
     config = tiny_config(target="ema")
     config.num_epochs, config.ema_decay = 2, 0.99
-    cosine = train_state.ema_decay_schedule(config, steps_per_epoch=5)
-    np.testing.assert_allclose([cosine(0), cosine(5), cosine(10)], [0.99, 0.995, 1.0], atol=1e-7)
-    config.ema_schedule = "constant"
-    assert float(train_state.ema_decay_schedule(config, 5)(10)) == pytest.approx(0.99)
-    config.ema_schedule = "linear"
-    with pytest.raises(ValueError, match="ema_schedule"):
-        train_state.ema_decay_schedule(config, 5)
+    hyper = train_state.hyperparameters(config, steps_per_epoch=5)
+    np.testing.assert_allclose([train_state.ema_decay_at(hyper, k, "cosine") for k in (0, 5, 10)],
+                               [0.99, 0.995, 1.0], atol=1e-7)
+    assert float(train_state.ema_decay_at(hyper, 10, "constant")) == pytest.approx(0.99)
     initial = _initial_state("ema")
     state, _ = _one_step("ema", _views(tiny_config(target="ema"), 16), 1)
-    tau = float(train_state.ema_decay_schedule(tiny_config(target="ema"), 10)(0))
+    tau = float(train_state.ema_decay_at(train_state.hyperparameters(tiny_config(target="ema"), 10),
+                                         0, "cosine"))
     assert tau == pytest.approx(0.996)
     expected = jax.tree.map(lambda old, new: tau * old + (1 - tau) * new,
                             initial.target_variables["params"], state.params)
@@ -139,14 +138,37 @@ def test_non_finite_step_leaves_state_unchanged():
 def test_cosine_schedule_and_fixed_predictor_lr():
     config = tiny_config()
     config.num_epochs, config.learning_rate = 2, 0.5
-    schedule = train_state.learning_rate_schedule(config, steps_per_epoch=5)
-    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.5, 0.25, 0.0],
-                               atol=1e-7)
+    hyper = train_state.hyperparameters(config, steps_per_epoch=5)
+    np.testing.assert_allclose([train_state.learning_rate_at(hyper, k) for k in (0, 5, 10)],
+                               [0.5, 0.25, 0.0], atol=1e-7)
     config.fix_predictor_lr, config.weight_decay, config.momentum = True, 0.0, 0.0
     params = {"predictor": jnp.ones(2), "backbone": jnp.ones(2)}
-    tx = train_state.make_optimizer(config, steps_per_epoch=5)
+    tx = train_state.make_optimizer(train_state.hyperparameters(config, 5), True)
     opt_state = tx.init(params)
     for _ in range(6):  # the step-5 update uses the decayed rate 0.25 for the backbone
         updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
     np.testing.assert_allclose(updates["predictor"], -0.5)
     np.testing.assert_allclose(updates["backbone"], -0.25, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_epochs,warmup_epochs", [(3, 0), (3, 1), (1, 1), (2, 0.5)])
+def test_the_schedules_computed_at_run_time_are_optaxs(num_epochs, warmup_epochs):
+    """learning_rate_at and ema_decay_at, their peak and lengths runtime values, against optax's
+    schedules with the same numbers as constants, at every step and past the end (in float64, as
+    every test here: the same formulas, so equal but for a last-bit rounding)."""
+    config = tiny_config()
+    config.update(num_epochs=num_epochs, warmup_epochs=warmup_epochs, learning_rate=0.3,
+                  ema_decay=0.99)
+    hyper = train_state.hyperparameters(config, steps_per_epoch=7)
+    total, warmup = num_epochs * 7, int(warmup_epochs * 7)
+    if warmup:
+        expected = optax.warmup_cosine_decay_schedule(0.0, 0.3, warmup, max(total, warmup + 1))
+    else:
+        expected = optax.cosine_decay_schedule(0.3, total)
+    gap = optax.cosine_decay_schedule(1 - 0.99, total)
+    counts = jnp.arange(total + 3)
+    np.testing.assert_allclose(jax.vmap(lambda k: train_state.learning_rate_at(hyper, k))(counts),
+                               jax.vmap(expected)(counts), rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(
+        jax.vmap(lambda k: train_state.ema_decay_at(hyper, k, "cosine"))(counts),
+        1 - jax.vmap(gap)(counts), rtol=0, atol=1e-15)

@@ -7,9 +7,15 @@ stopped are dropped when it resumes: each step appears once in both.
 import glob
 import json
 import os
+import time
+from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 import tensorflow as tf
+import tqdm
+from absl import logging
 from tensorboard.compat.proto import event_pb2
 
 from vi_simsiam_jax import files
@@ -83,3 +89,40 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._summary.close()
+
+
+class StepLog:
+    """Metrics of the steps since the last log line: averaged, written (`MetricWriter`),
+    shown on the progress bar and logged every config.log_every_steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, start_step: int,
+                 steps_per_epoch: int):
+        self._batch_size, self._steps_per_epoch = config.batch_size, steps_per_epoch
+        self._total = config.num_epochs * steps_per_epoch
+        self.writer = MetricWriter(workdir, start_step)
+        self._progress = tqdm.tqdm(total=self._total, initial=start_step, unit="step",
+                                   disable=jax.process_index() != 0)
+        self._pending: list[dict[str, float]] = []
+        self._since = time.perf_counter()
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        self._pending.append({k: float(v) for k, v in metrics.items()})
+        self._progress.update()
+
+    def flush(self, done: int) -> None:
+        now = time.perf_counter()
+        summary = {k: float(np.mean([m[k] for m in self._pending])) for k in self._pending[0]}
+        summary.update(epoch=done / self._steps_per_epoch,
+                       images_per_sec=len(self._pending) * self._batch_size / (now - self._since))
+        self.writer.write(done, summary)
+        shown = {"loss": f"{summary['loss']:.4f}", "cos": f"{summary['cosine']:.3f}"}
+        if "kappa_mean" in summary:
+            shown["kappa"] = f"{summary['kappa_mean']:.1f}"
+        self._progress.set_postfix(shown)
+        logging.info("step %d/%d: %s, %.1f images/s", done, self._total,
+                     ", ".join(f"{k} {v}" for k, v in shown.items()), summary["images_per_sec"])
+        self._pending, self._since = [], now
+
+    def close(self) -> None:
+        self._progress.close()
+        self.writer.close()

@@ -11,21 +11,17 @@ from typing import Any
 import jax
 import ml_collections
 
-from vi_simsiam_jax import errors, files
+from vi_simsiam_jax import config_schema, errors, files
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
-# May differ on any resume: loop settings, the kNN monitor, and the convolution implementation
-# (which leaves parameters and values unchanged).
-RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "conv",
-                    "eval_every_epochs")
-# Where the data lives: may differ on resume when the prepared data is the same (its
-# fingerprint, `datasets.fingerprint`, matches the one recorded when the run started).
-DATA_LOCATION_FIELDS = ("archive", "data_dir")
-# May differ on resume when the user asks for it (allow_changes), e.g. a lower learning rate
-# after a non-finite step; the change is recorded in the history.
-CHANGEABLE_FIELDS = ("learning_rate", "weight_decay", "momentum", "num_epochs", "warmup_epochs",
-                     "ema_decay")
+# Which fields may differ when a run resumes (`config_schema.FIELDS`): any time; when the
+# prepared data is the same (its fingerprint, `datasets.fingerprint`, matches the one recorded
+# when the run started); when the user asks for it (allow_changes), e.g. a lower learning rate
+# after a non-finite step, recorded in the history.
+RESUMABLE_FIELDS = config_schema.fields_on_resume(config_schema.FREE)
+DATA_LOCATION_FIELDS = config_schema.fields_on_resume(config_schema.DATA)
+CHANGEABLE_FIELDS = config_schema.fields_on_resume(config_schema.ALLOWED)
 
 
 def _as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -40,7 +36,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: {workdir} is not a pretraining workdir (run "
             "`python -m experiments.pretrain --workdir=...` first).", "workdir")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return config_schema.with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
 def _recorded_dataset(workdir: str) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """Run control of pretraining: joining a multi-process run, the SIGTERM vote, the watchdog
 that stops a process whose peer is lost, failure reports between processes, exit statuses.
 
-The loop asks `Preemption.requested` after every step and beats the `Watchdog`; everything
-else here runs beside it.
+The loop holds one `RunControl` (`controlled`), which it asks after every step whether to save
+and stop; everything else here runs beside it.
 """
 
 import contextlib
@@ -217,3 +217,39 @@ def failures_reported(watchdog: Watchdog, latest_step: Callable[[], int | None]
                 f"a collective failed ({str(error).splitlines()[0]})", latest_step())) from error
         watchdog.report_failure(error)
         raise
+
+
+class RunControl:
+    """The one object the pretraining loop asks after every step whether to save and stop (the
+    SIGTERM vote), and whose `paused()` brackets every wait that is not a step (saves, barriers,
+    evaluations) so that the watchdog does not take it for a lost peer. Made by `controlled`."""
+
+    def __init__(self, peer_timeout_s: float, latest_step: Callable[[], int | None]):
+        self.watchdog = Watchdog(peer_timeout_s, lambda cause: lost_peer_message(
+            cause, latest_step()))
+        self._preemption = Preemption()
+
+    def save_and_stop(self, done: int) -> bool:
+        """After step `done` (every process, every step): whether to save and stop now."""
+        self.watchdog.beat()
+        return self._preemption.requested(done)
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        return self.watchdog.paused()
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self._preemption.restore()
+
+
+@contextlib.contextmanager
+def controlled(peer_timeout_s: float, latest_step: Callable[[], int | None]
+               ) -> Iterator[RunControl]:
+    """A `RunControl` for the block, whose failures every process sees as such
+    (`failures_reported`); closed on leaving it, however it ends."""
+    control = RunControl(peer_timeout_s, latest_step)
+    try:
+        with failures_reported(control.watchdog, latest_step):
+            yield control
+    finally:
+        control.close()

@@ -7,23 +7,53 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
-from flax import traverse_util
-from flax.training import train_state
+from flax import struct, traverse_util
 
-from vi_simsiam_jax import augment, models
-from vi_simsiam_jax.cpu import layers
+from vi_simsiam_jax import augment, backends, models
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
 EMA_SCHEDULES = ("cosine", "constant")
 Array = jax.Array
 
 
-class TrainState(train_state.TrainState):
-    """params/opt_state/step from flax, plus BN statistics and the EMA target (BYOL only)."""
+class TrainState(struct.PyTreeNode):
+    """What a checkpoint holds: step, parameters, SGD momentum, BatchNorm statistics and the EMA
+    target (BYOL only). The optimiser is not part of it: the step builds it from the run's
+    `Hyperparameters` (`make_optimizer`), so the state's structure, and with it the compiled
+    step, is the same for every run of one model."""
 
+    step: Array
+    params: Any
+    opt_state: Any
     batch_stats: Any
     target_variables: Any = None  # {"params", "batch_stats"} of the EMA target, or None
+
+
+class Hyperparameters(struct.PyTreeNode):
+    """The values of a run the step reads at run time rather than as constants of its program:
+    the config fields that may change on resume (`config_schema.ALLOWED`) and the
+    schedules' lengths. Every run of one method and model shape thus shares one compiled step.
+    Scalars of JAX's default float (float32, a step count exact up to 2**24; float64 with
+    jax_enable_x64, as the tests' float64 steps use)."""
+
+    learning_rate: Array  # the schedule's peak
+    weight_decay: Array
+    momentum: Array
+    total_steps: Array
+    warmup_steps: Array
+    ema_decay: Array  # the EMA schedule's base tau (BYOL)
+
+
+def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Hyperparameters:
+    """The run's `Hyperparameters`: config's values, its schedules' lengths in steps."""
+    values = dict(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                  momentum=config.momentum, total_steps=config.num_epochs * steps_per_epoch,
+                  warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+                  ema_decay=config.ema_decay)
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    return Hyperparameters(**{k: np.asarray(v, dtype) for k, v in values.items()})
 
 
 def data_parallel_axis() -> str | None:
@@ -37,66 +67,69 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
                half_precision: bool | None = None) -> models.SiameseNet:
     """The SiameseNet described by config.method and config.model; its BatchNorms synchronise
     over `axis_name` ("auto": `data_parallel_axis()`; None: per-device statistics). Convolution
-    and pooling come from `cpu.layers.select(config.conv)` (same parameters on every backend).
+    and pooling come from `backends.select(config.conv)` (same parameters on every backend).
 
-    half_precision (None: config.half_precision, False when absent): the model computes its
+    half_precision (None: config.half_precision): the model computes its
     convolutions and dense layers in bfloat16; its parameters and BatchNorm statistics are float32
     either way (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
     """
     if axis_name == "auto":
         axis_name = data_parallel_axis()
     if half_precision is None:
-        half_precision = config.get("half_precision", False)
+        half_precision = config.half_precision
     model_config = dict(config.model)
     if half_precision:
         if jnp.dtype(model_config.get("dtype", jnp.float32)) != jnp.float32:
             raise ValueError(f"config.half_precision computes in bfloat16; it cannot be combined "
                              f"with config.model.dtype={model_config['dtype']!r}.")
         model_config["dtype"] = jnp.bfloat16
-    conv, max_pool = layers.select(config.get("conv", "auto"))
+    conv, max_pool = backends.select(config.conv)
     return models.SiameseNet(method=config.method, axis_name=axis_name, conv=conv,
                              max_pool=max_pool, **model_config)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
-                           ) -> optax.Schedule:
-    """Cosine decay to 0 over the run, after an optional linear warm-up (SimSiam, paper 6.2)."""
-    total_steps = config.num_epochs * steps_per_epoch
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    if not warmup_steps:
-        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1))
+def _cosine_decay(init_value: Array, decay_steps: Array, count: Array) -> Array:
+    """optax.cosine_decay_schedule's value at `count`, its length a runtime value."""
+    count = jnp.minimum(count, decay_steps)
+    return init_value * (0.5 * (1 + jnp.cos(jnp.pi * count / decay_steps)))
 
 
-def ema_decay_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
-                       ) -> optax.Schedule:
-    """The target network's EMA decay at each step (BYOL / VI-BYOL, config.target="ema").
+def learning_rate_at(hyper: Hyperparameters, count: Array) -> Array:
+    """Cosine decay to 0 over the run, after an optional linear warm-up (SimSiam, paper 6.2): the
+    value of optax.warmup_cosine_decay_schedule (optax.cosine_decay_schedule without warm-up)."""
+    count = jnp.asarray(count, hyper.total_steps.dtype)
+    warmup = hyper.warmup_steps
+    # optax.linear_schedule from 0 to the peak, written as optax computes it.
+    warming = (-hyper.learning_rate * (1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1))
+               + hyper.learning_rate)
+    decaying = _cosine_decay(hyper.learning_rate,
+                             jnp.maximum(hyper.total_steps, warmup + 1) - warmup, count - warmup)
+    return jnp.where(count < warmup, warming, decaying)
+
+
+def ema_decay_at(hyper: Hyperparameters, count: Array, schedule: str) -> Array:
+    """The target network's EMA decay at step `count` (BYOL / VI-BYOL, config.target="ema").
 
     "cosine" (default, BYOL Sec. 3.2): tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from
     tau_base = config.ema_decay at step 0 to 1 at the last step K. "constant": tau_base always.
     """
-    if config.ema_schedule not in EMA_SCHEDULES:
-        raise ValueError(f"config.ema_schedule must be one of {EMA_SCHEDULES}, got "
-                         f"{config.ema_schedule!r}.")
-    if config.ema_schedule == "constant":
-        return optax.constant_schedule(config.ema_decay)
-    gap = optax.cosine_decay_schedule(1.0 - config.ema_decay, config.num_epochs * steps_per_epoch)
-    return lambda step: 1.0 - gap(step)
+    if schedule == "constant":
+        return hyper.ema_decay
+    return 1.0 - _cosine_decay(1.0 - hyper.ema_decay, hyper.total_steps, count)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+def make_optimizer(hyper: Hyperparameters, fix_predictor_lr: bool
                    ) -> optax.GradientTransformation:
-    """SGD with momentum and coupled weight decay (torch.optim.SGD semantics) on a cosine
-    schedule; with config.fix_predictor_lr the predictor keeps the base rate (SimSiam Sec. 4.4)."""
+    """SGD with momentum and coupled weight decay (torch.optim.SGD semantics) on the cosine
+    schedule `learning_rate_at`; with fix_predictor_lr the predictor keeps the peak rate (SimSiam
+    Sec. 4.4). Its state's structure does not depend on `hyper`."""
 
     def sgd(learning_rate):
-        return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                           optax.sgd(learning_rate, momentum=config.momentum))
+        return optax.chain(optax.add_decayed_weights(hyper.weight_decay),
+                           optax.sgd(learning_rate, momentum=hyper.momentum))
 
-    schedule = learning_rate_schedule(config, steps_per_epoch)
-    if not config.fix_predictor_lr:
+    schedule = functools.partial(learning_rate_at, hyper)
+    if not fix_predictor_lr:
         return sgd(schedule)
 
     def labels(params):
@@ -104,7 +137,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
             lambda path, _: "fixed" if path[0] == "predictor" else "scheduled", params)
 
     return optax.multi_transform(
-        {"scheduled": sgd(schedule), "fixed": sgd(config.learning_rate)}, labels)
+        {"scheduled": sgd(schedule), "fixed": sgd(hyper.learning_rate)}, labels)
 
 
 def crops_config(config: ml_collections.ConfigDict) -> augment.MultiCropConfig:
@@ -135,17 +168,18 @@ def init_variables(rng: Array, config: ml_collections.ConfigDict, model: models.
     return jax.tree.map(lambda a: a.astype(storage), dict(variables))
 
 
-def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet,
-                       steps_per_epoch: int) -> TrainState:
+def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet
+                       ) -> TrainState:
     """Initialises parameters and BN statistics (`init_variables`), optimiser and target."""
     variables = init_variables(rng, config, model)
     params, batch_stats = variables["params"], variables["batch_stats"]
     target_variables = None
     if config.target == "ema":
         target_variables = {"params": params, "batch_stats": batch_stats}
-    return TrainState.create(apply_fn=model.apply, params=params,
-                             tx=make_optimizer(config, steps_per_epoch), batch_stats=batch_stats,
-                             target_variables=target_variables)
+    # The optimiser state's structure is the same for any hyperparameters.
+    tx = make_optimizer(hyperparameters(config, 1), config.fix_predictor_lr)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      batch_stats=batch_stats, target_variables=target_variables)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, model: models.SiameseNet
@@ -158,4 +192,4 @@ def abstract_variables(config: ml_collections.ConfigDict, model: models.SiameseN
 def abstract_train_state(config: ml_collections.ConfigDict, model: models.SiameseNet
                          ) -> TrainState:
     """Shapes and dtypes of the whole TrainState, without computing an initialisation."""
-    return jax.eval_shape(lambda: create_train_state(jax.random.key(0), config, model, 1))
+    return jax.eval_shape(lambda: create_train_state(jax.random.key(0), config, model))

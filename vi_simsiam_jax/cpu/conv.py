@@ -37,7 +37,7 @@ Per-piece times: `python -m benchmarks.resnet_layers --image_size=64 --stem=imag
 Everything else (the stems, strided forwards, larger odd sides) is XLA's native convolution.
 
 `choose` makes the plan per layer; every other convolution (dilated, grouped, not NHWC/HWIO) is
-lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`vi_simsiam_jax.cpu.layers`).
+lax.conv_general_dilated. GPU/TPU keep XLA's native convolutions (`vi_simsiam_jax.backends`).
 """
 
 import dataclasses

@@ -1,7 +1,8 @@
 """The kNN monitor of pretraining: kNN top-1 on the paper's local split of train (bank: the
 centre-crop features of the 80%, scored: the other 20%), so a run shows learning, or collapse,
 while it happens without encoding a val image. The loop runs it every
-config.eval_every_epochs; it reads the encoder's variables and changes nothing."""
+config.eval_every_epochs, as any `loop.InTrainingEvaluation`; it reads the encoder's variables
+and changes nothing."""
 
 import dataclasses
 import time
@@ -14,11 +15,13 @@ from vi_simsiam_jax.evaluation import encoder, knn
 @dataclasses.dataclass(frozen=True)
 class LocalSplitKnn:
     """kNN top-1 (k = 200, T = 0.1, as `knn`) of a frozen encoder on the local split of
-    `examples` (the training split), on the centre crops of side image_size."""
+    `examples` (the training split), on the centre crops of side image_size, every
+    `every_epochs` epochs of training."""
 
     examples: datasets.Examples
     batch_size: int
     image_size: int
+    every_epochs: int
 
     def evaluate(self, frozen: encoder.FrozenEncoder) -> dict[str, float]:
         """{"knn_top1_local_val": percent, "knn_eval_s": seconds taken}."""

@@ -202,6 +202,32 @@ class ProbeResult:
     train: encoder.FeatureSet | None  # centre-crop features of train (cached mode), else None
 
 
+def _probe_rows(frozen: encoder.FrozenEncoder, train_examples: datasets.Examples,
+                val_examples: datasets.Examples, config: ml_collections.ConfigDict,
+                image_size: int) -> tuple[Any, Any, Any, encoder.FeatureSet, datasets.Examples]:
+    """The features `evaluate` needs: (the head's training rows, the centre-crop rows of
+    train, of local_val, the scored rows, and the examples they index). mode "cached" extracts
+    train once (None for the first two when "online": features stream per fit)."""
+    model, variables = frozen.model, frozen.variables
+    local_val = datasets.local_val_mask(train_examples.file_names)
+    centre = functools.partial(encoder.centre_crop_features, model, variables,
+                               batch_size=config.extract_batch_size, image_size=image_size)
+    train_centre = centre(train_examples) if config.mode == "cached" else None
+    if config.mode == "cached":
+        train_rows = (encoder.augmented_features(model, variables, train_examples, config,
+                                                 image_size)
+                      if config.train_views else train_centre)
+        local_val_rows = train_centre.subset(local_val[train_centre.index])
+    else:
+        train_rows = None
+        local_val_rows = (centre(train_examples.subset(local_val)) if config.lr_sweep
+                          else None)
+    if config.eval_split == "local_val":  # rows indexed in train (cached) or local_val (online)
+        return (train_rows, train_centre, local_val_rows, local_val_rows,
+                train_examples if train_centre is not None else train_examples.subset(local_val))
+    return train_rows, train_centre, local_val_rows, centre(val_examples), val_examples
+
+
 def evaluate(frozen: encoder.FrozenEncoder, train_examples: datasets.Examples,
              val_examples: datasets.Examples, config: ml_collections.ConfigDict) -> ProbeResult:
     """Linear evaluation of a frozen encoder.
@@ -221,24 +247,8 @@ def evaluate(frozen: encoder.FrozenEncoder, train_examples: datasets.Examples,
     times = {}
 
     tic = time.perf_counter()
-    centre = functools.partial(encoder.centre_crop_features, model, variables,
-                               batch_size=config.extract_batch_size, image_size=image_size)
-    train_centre = centre(train_examples) if config.mode == "cached" else None
-    if config.mode == "cached":
-        train_rows = (encoder.augmented_features(model, variables, train_examples, config,
-                                                 image_size)
-                      if config.train_views else train_centre)
-        local_val_rows = train_centre.subset(local_val[train_centre.index])
-    else:
-        train_rows = None
-        local_val_rows = (centre(train_examples.subset(local_val)) if config.lr_sweep
-                          else None)
-    if local_only:  # rows indexed in train (cached) or in its local_val subset (online)
-        val = local_val_rows
-        val_examples = (train_examples if train_centre is not None
-                        else train_examples.subset(local_val))
-    else:
-        val = centre(val_examples)
+    rows = _probe_rows(frozen, train_examples, val_examples, config, image_size)
+    train_rows, train_centre, local_val_rows, val, val_examples = rows
     feature_dim = val.features.shape[1]
     times["extract"] = time.perf_counter() - tic
 
