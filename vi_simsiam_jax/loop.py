@@ -18,8 +18,8 @@ import tqdm
 from absl import logging
 from flax import jax_utils
 
-from vi_simsiam_jax import (checkpoints, datasets, errors, input_pipeline, losses, models,
-                            run_config, run_control, train)
+from vi_simsiam_jax import (checkpoints, datasets, errors, input_pipeline, losses, methods,
+                            models, run_config, run_control, train)
 from vi_simsiam_jax.cpu import layers
 from vi_simsiam_jax.evaluation import encoder, knn_monitor
 from vi_simsiam_jax.metric_writer import MetricWriter
@@ -30,7 +30,7 @@ from vi_simsiam_jax.train_state import (AXIS_NAME, EMA_SCHEDULES, TrainState, cr
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises errors.UserError naming the first config field with an invalid value."""
     checks = [
-        ("method", config.method in models.METHODS, f"one of {models.METHODS}"),
+        ("method", config.method in methods.REGISTRY, f"one of {sorted(methods.REGISTRY)}"),
         ("target", config.target in models.TARGETS, f"one of {models.TARGETS}"),
         ("loss_reduction", config.loss_reduction in losses.REDUCTIONS,
          f"one of {losses.REDUCTIONS}"),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vi_simsiam_jax import augment, losses, models
+from vi_simsiam_jax import augment, methods, models
 from vi_simsiam_jax.train_state import (AXIS_NAME, TrainState, crops_config, ema_decay_schedule,
                                         learning_rate_schedule)
 
@@ -37,9 +37,9 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
 
     batch: the views (B_local, H, W, 3), the `global_crops` global crops first. rng: this step's
     key, handed to the model as its "dropout" stream (the default model is deterministic).
-    method: "simsiam" | "vi_simsiam"; target: "stopgrad" | "ema" (decay `ema_decay_fn(step)`),
+    method: a `methods.REGISTRY` name; target: "stopgrad" | "ema" (decay `ema_decay_fn(step)`),
     see `models.target_projections`; loss_reduction over the view pairs: "paper" | "mean" | "sum"
-    (`losses.ssl_loss`). Returns the new state and metrics averaged over devices.
+    (`methods.Method.loss_of`). Returns the new state and metrics averaged over devices.
     If the loss or any gradient is not finite, the state is returned unchanged and
     metrics["finite"] is 0, so no NaN ever reaches the parameters.
     """
@@ -51,7 +51,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, *,
                                        method=models.SiameseNet.forward_views)
         targets = models.target_projections(model, outputs, list(batch[:global_crops]), True,
                                             target, state.target_variables)
-        loss, diagnostics = losses.ssl_loss(method, outputs, targets, loss_reduction)
+        loss, diagnostics = methods.get(method).loss_of(outputs, targets, loss_reduction)
         return loss, (updates["batch_stats"], diagnostics)
 
     (loss, (batch_stats, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -11,7 +11,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from vi_simsiam_jax import augment, models
+from vi_simsiam_jax import augment, methods, models
 from vi_simsiam_jax.cpu import layers
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
@@ -54,8 +54,8 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
                              f"with config.model.dtype={model_config['dtype']!r}.")
         model_config["dtype"] = jnp.bfloat16
     conv, max_pool = layers.select(config.get("conv", "auto"))
-    return models.SiameseNet(method=config.method, axis_name=axis_name, conv=conv,
-                             max_pool=max_pool, **model_config)
+    return models.SiameseNet(kappa=methods.get(config.method).kappa, axis_name=axis_name,
+                             conv=conv, max_pool=max_pool, **model_config)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
