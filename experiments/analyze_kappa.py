@@ -33,7 +33,8 @@ from vi_simsiam_jax.evaluation import kappa_report
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "probe.py"),
     "Linear probe config (experiments/configs/probe.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "A VI-SimSiam pretraining workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "A pretraining workdir of a method with kappa (VI-SimSiam).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Output folder (default: workdir/kappa_analysis).")
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     workdir = _WORKDIR.value
-    kappa_report.check_vi_simsiam(run_config.load_config(workdir), workdir)
+    kappa_report.check_kappa(run_config.load_config(workdir), workdir)
     frozen, _, result = reporting.fit_probe(workdir, _CONFIG.value, _STEP.value)
     summary = reporting.write_kappa_analysis(
         frozen, result, _OUTPUT_DIR.value or os.path.join(workdir, "kappa_analysis"),

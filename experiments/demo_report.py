@@ -4,6 +4,8 @@ writes it; tests/test_results_readme.py checks it against results/demo/report.js
 import textwrap
 from typing import Any
 
+from vi_simsiam_jax import methods
+
 README_BLOCK = "demo"
 PUBLISHED_FILES = ("report.json", "probe.json", "probe_random_init.json",
                    "kappa_analysis/uncertainty.json")
@@ -13,7 +15,7 @@ def markdown(report: dict[str, Any]) -> str:
     """The table of both probes and a paragraph of the run's figures."""
     probe, baseline, kappa = report["probe"], report["baseline"], report["kappa"]
     config, timings, pretrain = report["config"], report["timings_s"], report["pretrain"]
-    name = {"vi_simsiam": "VI-SimSiam", "simsiam": "SimSiam"}[config["method"]]
+    name = methods.get(config["method"]).title
     rows = [f"| {name}, {config['num_epochs']} epochs, lr {config['learning_rate']:g} | "
             f"{probe['top1']:.2f} | {probe['top5']:.2f} | {probe['knn_top1']:.2f} |",
             f"| same encoder at random init | {baseline['top1']:.2f} | {baseline['top5']:.2f} "

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from vi_simsiam_jax import run_config, torch_export, train_state
+from vi_simsiam_jax import methods, run_config, torch_export, train_state
 from vi_simsiam_jax.evaluation import encoder
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (config.json, checkpoints).")
@@ -30,8 +30,9 @@ def main(argv: list[str]) -> None:
     model = train_state.make_model(config, axis_name=None)
     variables, step = encoder.restore_encoder(_WORKDIR.value, config, model, _STEP.value)
     state = torch_export.torch_state_dict(variables, step)
-    metadata = {"format": "pt", "method": config.method, "stem": config.model.stem,
-                "width": str(config.model.width), "step": str(step)}
+    metadata = {"format": "pt", "method": config.method,
+                "kappa": str(methods.get(config.method).kappa).lower(),
+                "stem": config.model.stem, "width": str(config.model.width), "step": str(step)}
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     torch_export.save(_OUT.value, state, metadata)
     print(json.dumps({"out": _OUT.value, "tensors": len(state), **metadata}))

@@ -272,6 +272,7 @@ def test_export_torch_writes_the_checkpoint_as_safetensors(saved, tmp_path):
     assert json.loads(completed.stdout.splitlines()[-1])["step"] == "3"
     with safe_open(str(out), "np") as f:
         assert f.metadata()["method"] == "vi_simsiam" and f.metadata()["stem"] == "cifar"
+        assert f.metadata()["kappa"] == "true"
         np.testing.assert_array_equal(
             f.get_tensor("layer1.0.bn1.running_var"),
             variables["batch_stats"]["backbone"]["layer1_0"]["bn1"]["var"])

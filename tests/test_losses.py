@@ -8,7 +8,7 @@ import pytest
 
 from tests import reference
 from tests.reference import unit
-from vi_simsiam_jax import losses, models
+from vi_simsiam_jax import losses, methods, models
 from vi_simsiam_jax import power_spherical as ps
 
 # Jitted: one small compile per shape instead of one per op (eager); validation runs at trace time.
@@ -55,7 +55,7 @@ def test_two_view_losses_match_references():
 
 def test_multi_view_loss_reductions_over_pairs():
     """Eq. 12 sums VI-SimSiam's P = 2 (5 - 1) pairs; SimSiam averages them; either can be
-    forced, also through ssl_loss's reduction."""
+    forced, also through methods.Method.loss_of's reduction."""
     mus, kappas, zs = _views(5, batch=3, dim=8, seed=1)
     targets = zs[:2]
     m, k, z = (np.asarray(a, np.float64) for a in (mus, kappas, targets))
@@ -69,14 +69,16 @@ def test_multi_view_loss_reductions_over_pairs():
     np.testing.assert_allclose(_ss_loss(mus, targets)[0], np.mean(ss_terms), rtol=1e-5)
     np.testing.assert_allclose(_ss_loss(mus, targets, reduction="sum")[0], np.sum(ss_terms),
                                rtol=1e-5)
-    outputs = [losses.SiameseOutput(features=mu, z=mu, mu=mu, kappa=kappa)
+    outputs = [models.SiameseOutput(features=mu, z=mu, mu=mu, kappa=kappa)
                for mu, kappa in zip(mus, kappas)]
-    for method, terms in (("vi_simsiam", vi_terms), ("simsiam", ss_terms)):
-        for reduction, expected in (("mean", np.mean(terms)), ("sum", np.sum(terms))):
-            loss, _ = losses.ssl_loss(method, outputs, targets, reduction)
+    for method, terms, paper in (("vi_simsiam", vi_terms, np.sum(vi_terms)),
+                                 ("simsiam", ss_terms, np.mean(ss_terms))):
+        for reduction, expected in (("mean", np.mean(terms)), ("sum", np.sum(terms)),
+                                    ("paper", paper)):
+            loss, _ = methods.get(method).loss_of(outputs, targets, reduction)
             np.testing.assert_allclose(loss, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
-        losses.ssl_loss("simsiam", outputs, targets, "max")
+        methods.get("simsiam").loss_of(outputs, targets, "max")
 
 
 def test_view_pairs():
@@ -219,12 +221,12 @@ def test_local_views_are_never_targets():
     def loss(outs, method):
         targets = models.target_projections(None, outs, [None, None], train=True)
         assert len(targets) == 2
-        return float(losses.ssl_loss(method, outs, targets)[0])
+        return float(methods.get(method).loss_of(outs, targets)[0])
 
     changed_local_z = [o.replace(z=-3.0 * o.z) if v >= 2 else o for v, o in enumerate(outputs)]
     changed_local_mu = [o.replace(mu=-o.mu) if v >= 2 else o for v, o in enumerate(outputs)]
     changed_global_z = [o.replace(z=-o.z) if v == 1 else o for v, o in enumerate(outputs)]
-    for method in models.METHODS:
+    for method in ("simsiam", "vi_simsiam"):
         base = loss(outputs, method)
         assert loss(changed_local_z, method) == base
         assert abs(loss(changed_local_mu, method) - base) > 1e-3
@@ -258,5 +260,3 @@ def test_shape_validation():
         losses.vi_simsiam_loss(mus, [k[:, None] for k in kappas], zs)
     with pytest.raises(AssertionError):
         losses.simsiam_loss(mus, [z[:, :4] for z in zs])
-    with pytest.raises(ValueError, match="method"):
-        losses.ssl_loss("byol", [], [])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import float64
-from vi_simsiam_jax import losses, models
+from vi_simsiam_jax import methods, models
 
 SIZES = (32, 64, 96, 128, 160, 224)
 TINY = dict(width=4, proj_hidden_dim=16, dim=8, pred_dim=4)
@@ -141,7 +141,7 @@ def test_zero_init_residual():
 
 
 def test_heads_structure_and_full_size_dims():
-    variables = _shape_init(models.SiameseNet(method="vi_simsiam"), (1, 32, 32, 3))
+    variables = _shape_init(models.SiameseNet(kappa=True), (1, 32, 32, 3))
     shapes = jax.tree.map(lambda a: a.shape, variables["params"])
     assert set(shapes) == {"backbone", "projector", "predictor"}
     assert shapes["projector"] == {
@@ -152,20 +152,20 @@ def test_heads_structure_and_full_size_dims():
     assert shapes["predictor"] == {
         "fc1": {"kernel": (2048, 512)}, "bn1": {"scale": (512,), "bias": (512,)},
         "fc2": {"kernel": (512, 2049), "bias": (2049,)}}  # + 1 output for kappa
-    simsiam = _shape_init(models.SiameseNet(method="simsiam"), (1, 32, 32, 3))["params"]
+    simsiam = _shape_init(models.SiameseNet(kappa=False), (1, 32, 32, 3))["params"]
     assert simsiam["predictor"]["fc2"]["kernel"].shape == (512, 2048)
     assert _count(simsiam["backbone"]) == 11_176_512
 
 
-@pytest.mark.parametrize("method", models.METHODS)
-def test_siamese_outputs(method):
-    net = models.SiameseNet(method=method, stem="cifar", kappa_min=0.5, **TINY)
+@pytest.mark.parametrize("kappa", [False, True])
+def test_siamese_outputs(kappa):
+    net = models.SiameseNet(kappa=kappa, stem="cifar", kappa_min=0.5, **TINY)
     x = _normal((5, 8, 8, 3), seed=1)
     variables = _random_variables(net, x.shape)
     out, _ = _run(net, variables, x, True)
     assert out.features.shape == (5, 32) and out.z.shape == (5, 8) and out.mu.shape == (5, 8)
     np.testing.assert_allclose(jnp.linalg.norm(out.mu, axis=-1), 1.0, rtol=1e-5)
-    if method == "vi_simsiam":
+    if kappa:
         assert out.kappa.shape == (5,) and bool(jnp.all(out.kappa > 0.5))
     else:
         assert out.kappa is None
@@ -175,8 +175,6 @@ def test_siamese_outputs(method):
 
 def test_invalid_configuration_raises():
     x = jnp.zeros((1, 8, 8, 3))
-    with pytest.raises(ValueError, match="method"):
-        models.SiameseNet(method="byol", **TINY).init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="stem"):
         models.ResNet18(stem="tiny", width=2).init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="kappa_map"):
@@ -195,10 +193,10 @@ def test_kappa_from_raw():
     np.testing.assert_allclose(models.kappa_from_raw(jnp.array(0.0)), np.log(2.0) + 1.0, rtol=1e-6)
 
 
-def _tiny_setup(method="vi_simsiam", dtype=jnp.float32):
+def _tiny_setup(kappa=True, dtype=jnp.float32):
     """A tiny SiameseNet, its variables and 4 views (2 of 12 px, 2 of 8 px) in `dtype` (float64:
     call inside jax.enable_x64)."""
-    net = models.SiameseNet(method=method, stem="cifar", **TINY)
+    net = models.SiameseNet(kappa=kappa, stem="cifar", **TINY)
     views = [_normal((4, size, size, 3), seed=seed) for seed, size in enumerate((12, 12, 8, 8))]
     variables = _random_variables(net, views[0].shape)
     if dtype == jnp.float64:
@@ -290,8 +288,8 @@ def test_batch_norm_statistics_shared_across_devices():
     whole batch; parameter trees do not depend on the device count."""
     n = jax.local_device_count()
     assert n == 8, "tests/conftest.py sets 8 CPU devices"
-    single = models.SiameseNet(method="vi_simsiam", stem="cifar", **TINY)
-    multi = models.SiameseNet(method="vi_simsiam", stem="cifar", axis_name="batch", **TINY)
+    single = models.SiameseNet(kappa=True, stem="cifar", **TINY)
+    multi = models.SiameseNet(kappa=True, stem="cifar", axis_name="batch", **TINY)
     multi_shapes = jax.tree.map(lambda a: a.shape, _shape_init(multi, (2, 8, 8, 3)))
     x = _normal((2 * n, 8, 8, 3), seed=5)
     variables = _random_variables(single, x.shape)
@@ -378,7 +376,7 @@ def test_end_to_end_multicrop_gradients():
         outs, _ = net.apply(v, views, True, method=models.SiameseNet.forward_views,
                             mutable=["batch_stats"])
         targets = models.target_projections(net, outs, views[:2], True)
-        return losses.ssl_loss("vi_simsiam", outs, targets)
+        return methods.get("vi_simsiam").loss_of(outs, targets)
 
     (loss, metrics), grads = _jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     assert np.isfinite(float(loss)) and all(np.isfinite(float(m)) for m in metrics.values())

@@ -46,7 +46,7 @@ def _torchvision_resnet18_names() -> dict[str, tuple[int, ...]]:
 
 
 def test_backbone_names_and_shapes_are_torchvision_resnet18s():
-    model = models.SiameseNet(method="vi_simsiam", dim=32, proj_hidden_dim=48, pred_dim=16)
+    model = models.SiameseNet(kappa=True, dim=32, proj_hidden_dim=48, pred_dim=16)
     state = torch_export.torch_state_dict(_variables(model), step=7)
     heads = ("projector.", "predictor.")
     backbone = {k: v.shape for k, v in state.items() if not k.startswith(heads)}
@@ -66,8 +66,7 @@ def test_backbone_names_and_shapes_are_torchvision_resnet18s():
 
 
 def test_kernel_layouts_compute_the_same_outputs():
-    model = models.SiameseNet(method="simsiam", stem="cifar", width=4, dim=8, proj_hidden_dim=8,
-                              pred_dim=4)
+    model = models.SiameseNet(stem="cifar", width=4, dim=8, proj_hidden_dim=8, pred_dim=4)
     variables = _variables(model)
     state = torch_export.torch_state_dict(variables, step=0)
     params = variables["params"]
@@ -88,8 +87,8 @@ def test_kernel_layouts_compute_the_same_outputs():
 
 
 def test_safetensors_round_trip(tmp_path):
-    model = models.SiameseNet(method="vi_simsiam", stem="cifar", width=4, dim=8,
-                              proj_hidden_dim=8, pred_dim=4)
+    model = models.SiameseNet(kappa=True, stem="cifar", width=4, dim=8, proj_hidden_dim=8,
+                              pred_dim=4)
     state = torch_export.torch_state_dict(_variables(model), step=3)
     path = str(tmp_path / "encoder.safetensors")
     torch_export.save(path, state, {"format": "pt", "step": "3"})

@@ -84,4 +84,4 @@ def test_simsiam_workdir_has_no_kappa():
     config = tiny_config.get_config()
     config.method = "simsiam"
     with pytest.raises(ValueError, match="kappa exists only for method='vi_simsiam'"):
-        kappa_report.check_vi_simsiam(config, "runs/x")
+        kappa_report.check_kappa(config, "runs/x")

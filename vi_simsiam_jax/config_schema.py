@@ -13,7 +13,8 @@ from typing import Any
 
 import ml_collections
 
-from vi_simsiam_jax import backends, errors, input_pipeline, losses, models, train_state
+from vi_simsiam_jax import (backends, errors, input_pipeline, losses, methods, models,
+                            train_state)
 
 # Whether a field may differ when a run resumes:
 FIXED = "fixed"  # no: the run would no longer be one run
@@ -28,7 +29,8 @@ Check = Callable[[ml_collections.ConfigDict, int], bool]  # (config, number of d
 @dataclasses.dataclass(frozen=True)
 class Field:
     check: Check | None = None
-    expected: str = ""  # completes "must be ...", formatted with num_devices
+    # Completes "must be ...", formatted with num_devices (or a function that returns it).
+    expected: str | Callable[[], str] = ""
     on_resume: str = FIXED
     default: Any = _ABSENT  # for configs written before the field existed
 
@@ -51,7 +53,9 @@ def _scale(name: str) -> Field:
 FIELDS: dict[str, Field] = {
     "data_dir": Field(on_resume=DATA),
     "archive": Field(on_resume=DATA),
-    "method": _one_of("method", models.METHODS),
+    # Read when checked: a method may be registered after this module is imported.
+    "method": Field(lambda c, _: c.method in methods.REGISTRY,
+                    lambda: f"one of the registered methods {sorted(methods.REGISTRY)}"),
     "target": _one_of("target", models.TARGETS),
     "loss_reduction": _one_of("loss_reduction", losses.REDUCTIONS),
     "ema_schedule": _one_of("ema_schedule", train_state.EMA_SCHEDULES),
@@ -112,6 +116,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises errors.UserError naming the first field with an invalid value."""
     for name, field in FIELDS.items():
         if field.check is not None and not field.check(config, num_devices):
+            expected = field.expected() if callable(field.expected) else field.expected
             raise errors.UserError(f"Invalid config.{name} = {_value(config, name)!r}: must be "
-                                   f"{field.expected.format(num_devices=num_devices)}.",
+                                   f"{expected.format(num_devices=num_devices)}.",
                                    f"config.{name}")

@@ -6,12 +6,13 @@ in SwAV/DINO multi-crop: local views are never targets. The loss runs over the o
 (i, j) with j < G, i < M, i != j (the i = j terms are dropped, as Sec. 4 suggests), i.e.
 P = G (M - 1) pairs.
 
-Reduction over pairs ("paper", the default, follows each paper; always the mean over the batch):
+Reduction over pairs (always the mean over the batch): each paper's own is its loss's default
+and what config.loss_reduction="paper" picks (REDUCTIONS, `methods.Method.loss_of`):
   SimSiam:     the mean over the P pairs; for M = 2, (D(p1, z2) + D(p2, z1)) / 2 with D = -cos,
                exactly SimSiam's loss (Eq. 1);
   VI-SimSiam:  the sum over the P pairs (Eq. 12); for M = 2, Alg. 1's
                L = -p1.log_prob(z2) - p2.log_prob(z1), L.mean().
-"mean" or "sum" forces one for both methods. The effective step size follows: VI-SimSiam's
+"mean" or "sum" forces one for either loss. The effective step size follows: VI-SimSiam's
 "sum" gradient is P times its "mean" gradient (P = 2 for two views, 10 for the paper's 2 + 4
 crops), so at one learning rate "sum" takes P times larger steps against the same weight decay.
 
@@ -23,7 +24,6 @@ Everything is computed in float32 (float64 inputs stay float64).
 from typing import Sequence
 
 import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,22 +33,6 @@ from vi_simsiam_jax.power_spherical import at_least_float32, l2_normalize
 
 Array = jax.Array
 REDUCTIONS = ("paper", "mean", "sum")
-
-
-@flax.struct.dataclass
-class SiameseOutput:
-    """One view's outputs of models.SiameseNet, as the losses read them; leading batch dimension B.
-
-    features: (B, 8 * width) backbone features (linear evaluation uses these).
-    z: (B, dim) float32 projection f_phi(x), not normalised (BN output).
-    mu: (B, dim) float32 unit-norm prediction (the mean direction of Eq. 11); None if predict=False.
-    kappa: (B,) float32 concentration (vi_simsiam only; None for simsiam or predict=False).
-    """
-
-    features: Array
-    z: Array
-    mu: Array | None = None
-    kappa: Array | None = None
 
 
 def view_pairs(num_views: int, num_targets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,19 +104,3 @@ def vi_simsiam_loss(mus: Sequence[Array], kappas: Sequence[Array], targets: Sequ
     metrics.update(kappa_mean=jnp.mean(kappa), kappa_min=jnp.min(kappa),
                    kappa_max=jnp.max(kappa), kappa_std=jnp.std(kappa))
     return _reduce(nll, reduction), metrics
-
-
-def ssl_loss(method: str, outputs: Sequence[SiameseOutput], targets: Sequence[Array],
-             reduction: str = "paper") -> tuple[Array, dict[str, Array]]:
-    """Dispatches on method ("simsiam" | "vi_simsiam") using the per-view outputs' mu (and kappa);
-    targets as from models.target_projections (global views only); reduction over pairs one of
-    REDUCTIONS ("paper": each method's own, see the module docstring)."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if method == "simsiam":
-        return simsiam_loss([o.mu for o in outputs], targets,
-                            "mean" if reduction == "paper" else reduction)
-    if method == "vi_simsiam":
-        return vi_simsiam_loss([o.mu for o in outputs], [o.kappa for o in outputs], targets,
-                               "sum" if reduction == "paper" else reduction)
-    raise ValueError(f"method must be 'simsiam' or 'vi_simsiam', got {method!r}.")

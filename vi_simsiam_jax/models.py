@@ -6,8 +6,9 @@ map one-to-one (kernels transposed OIHW -> HWIO).
 
 The online network is g_psi = h_psi o f_phi (Sec. 5), f_phi = projector o backbone,
 h_psi = predictor.
-In VI-SimSiam the predictor has one extra output, the raw concentration, mapped to kappa > 0 by
-`kappa_from_raw` (Sec. 6.2: "we also add 1 dimension of the output layer of the predictor").
+With kappa=True (VI-SimSiam; `methods.Method.kappa`) the predictor has one extra output, the raw
+concentration, mapped to kappa > 0 by `kappa_from_raw` (Sec. 6.2: "we also add 1 dimension of the
+output layer of the predictor").
 
 Every BatchNorm takes `axis_name`, so under pmap/shard_map batch statistics are shared across
 devices; parameter names and shapes never depend on the device count. Initialise with train=False
@@ -22,17 +23,16 @@ the convolutions run once on the concatenated same-size views; only `BatchNorm` 
 import functools
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vi_simsiam_jax.losses import SiameseOutput
 from vi_simsiam_jax.power_spherical import at_least_float32, l2_normalize
 
 Array = jax.Array
 ModuleDef = Any
 
-METHODS = ("simsiam", "vi_simsiam")
 STEMS = ("imagenet", "cifar")
 KAPPA_MAPS = ("softplus", "exp")
 TARGETS = ("stopgrad", "ema")
@@ -243,10 +243,26 @@ def kappa_from_raw(raw: Array, kappa_map: str = "softplus", kappa_min: float = 1
     raise ValueError(f"kappa_map must be one of {KAPPA_MAPS}, got {kappa_map!r}.")
 
 
+@flax.struct.dataclass
+class SiameseOutput:
+    """One view's outputs of SiameseNet, as the losses read them; leading batch dimension B.
+
+    features: (B, 8 * width) backbone features (linear evaluation uses these).
+    z: (B, dim) float32 projection f_phi(x), not normalised (BN output).
+    mu: (B, dim) float32 unit-norm prediction (the mean direction of Eq. 11); None if predict=False.
+    kappa: (B,) float32 concentration (SiameseNet.kappa only; None without it or predict=False).
+    """
+
+    features: Array
+    z: Array
+    mu: Array | None = None
+    kappa: Array | None = None
+
+
 class SiameseNet(nn.Module):
     """Backbone + projector (f_phi) + predictor (h_psi) for SimSiam or VI-SimSiam (Fig. 1, Alg. 1).
 
-    method: "simsiam" (predictor outputs dim) or "vi_simsiam" (dim + 1: mean direction, raw kappa).
+    kappa: the predictor outputs dim + 1 (mean direction, raw kappa; VI-SimSiam), else dim.
     Defaults follow SimSiam (dim 2048, projector hidden 2048, predictor hidden 512,
     zero_init_residual=True) with the paper's ResNet-18 backbone (Sec. 6.2).
     bn_views: "separate" (default, SimSiam's per-view BN statistics) or "joint" (shared by the
@@ -254,7 +270,7 @@ class SiameseNet(nn.Module):
     Parameter tree: {"backbone": ..., "projector": ..., "predictor": ...}.
     """
 
-    method: str = "simsiam"
+    kappa: bool = False
     stem: str = "imagenet"
     width: int = 64
     zero_init_residual: bool = True
@@ -270,16 +286,13 @@ class SiameseNet(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
         self.backbone = ResNet18(stem=self.stem, zero_init_residual=self.zero_init_residual,
                                  width=self.width, conv=self.conv, max_pool=self.max_pool,
                                  axis_name=self.axis_name,
                                  dtype=self.dtype)
         self.projector = Projector(hidden_dim=self.proj_hidden_dim, out_dim=self.dim,
                                    axis_name=self.axis_name, dtype=self.dtype)
-        extra = 1 if self.method == "vi_simsiam" else 0
-        self.predictor = Predictor(hidden_dim=self.pred_dim, out_dim=self.dim + extra,
+        self.predictor = Predictor(hidden_dim=self.pred_dim, out_dim=self.dim + int(self.kappa),
                                    axis_name=self.axis_name, dtype=self.dtype)
 
     def __call__(self, images: Array, train: bool, predict: bool = True, views: int = 1
@@ -292,9 +305,8 @@ class SiameseNet(nn.Module):
             return SiameseOutput(features=features, z=z)
         out = at_least_float32(self.predictor(z, train, views))
         mu = l2_normalize(out[:, :self.dim])
-        kappa = None
-        if self.method == "vi_simsiam":
-            kappa = kappa_from_raw(out[:, self.dim], self.kappa_map, self.kappa_min)
+        kappa = (kappa_from_raw(out[:, self.dim], self.kappa_map, self.kappa_min) if self.kappa
+                 else None)
         return SiameseOutput(features=features, z=z, mu=mu, kappa=kappa)
 
     def forward_views(self, views: Sequence[Array], train: bool, predict: bool = True

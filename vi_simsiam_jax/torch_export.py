@@ -5,10 +5,10 @@ Names: the backbone under torchvision `resnet18`'s state_dict names (`conv1.weig
 `layer1.0.bn2.running_var`, `layer2.0.downsample.0.weight`, ...; no `fc.*`), the heads under the
 module names of the PyTorch reference (`../shared/bench/torch_reference.py`, SimSiam's builder):
 `projector.{0,3,6}` Linear, `projector.{1,4}` BatchNorm1d, `projector.7` BatchNorm1d(affine=False),
-`predictor.0` Linear, `predictor.1` BatchNorm1d, `predictor.3` Linear (with bias; VI-SimSiam's
-has dim + 1 outputs, the last the raw kappa). Conv kernels go HWIO -> OIHW, dense kernels
-(in, out) -> (out, in); BatchNorm's num_batches_tracked is the checkpoint step (PyTorch reads it
-only when momentum is None).
+`predictor.0` Linear, `predictor.1` BatchNorm1d, `predictor.3` Linear (with bias; with kappa,
+as VI-SimSiam's, it has dim + 1 outputs, the last the raw kappa). Conv kernels go HWIO -> OIHW,
+dense kernels (in, out) -> (out, in); BatchNorm's num_batches_tracked is the checkpoint step
+(PyTorch reads it only when momentum is None).
 
     backbone = torchvision.models.resnet18()
     state = safetensors.torch.load_file(path)
@@ -16,7 +16,8 @@ only when momentum is None).
 
 A checkpoint with the "cifar" stem has a 3x3 conv1 and no max-pool: set
 `backbone.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)` and `backbone.maxpool = nn.Identity()`
-before loading. The file's metadata records the stem, width, method and step.
+before loading. The file's metadata records the stem, width, method, kappa ("true": the
+predictor's last output is the raw kappa) and step.
 """
 
 import re

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vi_simsiam_jax import augment, losses, models
+from vi_simsiam_jax import augment, methods, models
 from vi_simsiam_jax.train_state import (AXIS_NAME, Hyperparameters, TrainState, crops_config,
                                         ema_decay_at, hyperparameters, learning_rate_at,
                                         make_optimizer)
@@ -61,7 +61,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, hyper: Hyp
     step's key, handed to the model as its "dropout" stream (the default model is
     deterministic). spec.target: "stopgrad" | "ema" (decay `train_state.ema_decay_at`), see
     `models.target_projections`; spec.loss_reduction over the view pairs: "paper" | "mean" |
-    "sum" (`losses.ssl_loss`). Returns the new state and metrics averaged over devices.
+    "sum" (`methods.Method.loss_of`). Returns the new state and metrics averaged over devices.
     If the loss or any gradient is not finite, the state is returned unchanged and
     metrics["finite"] is 0, so no NaN ever reaches the parameters.
     """
@@ -74,7 +74,8 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, hyper: Hyp
                                        method=models.SiameseNet.forward_views)
         targets = models.target_projections(model, outputs, list(batch[:num_global]), True,
                                             spec.target, state.target_variables)
-        loss, diagnostics = losses.ssl_loss(spec.method, outputs, targets, spec.loss_reduction)
+        loss, diagnostics = methods.get(spec.method).loss_of(outputs, targets,
+                                                             spec.loss_reduction)
         return loss, (updates["batch_stats"], diagnostics)
 
     (loss, (batch_stats, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

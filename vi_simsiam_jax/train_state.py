@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import struct, traverse_util
 
-from vi_simsiam_jax import augment, backends, models
+from vi_simsiam_jax import augment, backends, methods, models
 
 AXIS_NAME = "batch"  # the pmapped step's device axis
 EMA_SCHEDULES = ("cosine", "constant")
@@ -84,8 +84,8 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
                              f"with config.model.dtype={model_config['dtype']!r}.")
         model_config["dtype"] = jnp.bfloat16
     conv, max_pool = backends.select(config.conv)
-    return models.SiameseNet(method=config.method, axis_name=axis_name, conv=conv,
-                             max_pool=max_pool, **model_config)
+    return models.SiameseNet(kappa=methods.get(config.method).kappa, axis_name=axis_name,
+                             conv=conv, max_pool=max_pool, **model_config)
 
 
 def _cosine_decay(init_value: Array, decay_steps: Array, count: Array) -> Array:

@@ -31,7 +31,7 @@ class FeatureSet:
     features: np.ndarray  # (N, D) float32 pooled backbone features
     labels: np.ndarray  # (N,) int32
     index: np.ndarray  # (N,) int32 position of the image in its split's Examples
-    kappa: np.ndarray | None = None  # (N,) VI-SimSiam concentration; None for SimSiam
+    kappa: np.ndarray | None = None  # (N,) concentration of a kappa model; None without one
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -102,10 +102,11 @@ def init_encoder(config: ml_collections.ConfigDict, model: models.SiameseNet) ->
 
 @functools.partial(jax.jit, static_argnames="model")
 def encode(model: models.SiameseNet, variables: Variables, images: Array) -> dict[str, Array]:
-    """Inference-mode forward pass of images [..., H, W, 3]: backbone features and, for
-    VI-SimSiam, kappa (None for SimSiam), flattened over the leading (device, batch) axes."""
+    """Inference-mode forward pass of images [..., H, W, 3]: backbone features and, if the model
+    predicts one (model.kappa, e.g. VI-SimSiam), kappa (else None), flattened over the leading
+    (device, batch) axes."""
     images = images.reshape((-1,) + images.shape[-3:])
-    out = model.apply(variables, images, False, predict=model.method == "vi_simsiam")
+    out = model.apply(variables, images, False, predict=model.kappa)
     return {"features": out.features.astype(jnp.float32), "kappa": out.kappa}
 
 

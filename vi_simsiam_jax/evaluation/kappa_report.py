@@ -10,17 +10,20 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vi_simsiam_jax import methods
 from vi_simsiam_jax.evaluation import linear_probe, uncertainty
 
 COVERAGES = (1.0, 0.9, 0.75, 0.5)
 
 
-def check_vi_simsiam(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """ValueError unless the pretraining config is a VI-SimSiam run."""
-    if config.method != "vi_simsiam":
+def check_kappa(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """ValueError unless the pretraining config's method predicts kappa (`methods.Method.kappa`,
+    e.g. VI-SimSiam)."""
+    if not methods.get(config.method).kappa:
+        with_kappa = " or ".join(repr(m.name) for m in methods.REGISTRY.values() if m.kappa)
         raise ValueError(
             f"{workdir} was pretrained with method={config.method!r}: kappa exists only for "
-            "method='vi_simsiam' (the predictor's extra output, paper Sec. 6.2), so there is "
+            f"method={with_kappa} (the predictor's extra output, paper Sec. 6.2), so there is "
             "nothing to analyse.")
 
 
@@ -46,9 +49,10 @@ def _none_if_nan(value: float) -> float | None:
 def analyze(probe: linear_probe.ProbeResult, descriptions: Sequence[str],
             num_images: int = 16) -> dict[str, Any]:
     """The JSON-ready summary of kappa on the probe's scored images; `descriptions` names the
-    classes. ValueError if the encoder predicts no kappa (SimSiam)."""
+    classes. ValueError if the encoder predicts no kappa (its method has none, e.g. SimSiam)."""
     if probe.scored.kappa is None:
-        raise ValueError("The probed encoder predicts no kappa (a SimSiam encoder).")
+        raise ValueError("The probed encoder predicts no kappa (its method has none, e.g. "
+                         "SimSiam).")
     scores = confidences(probe)
     kappa, max_softmax = scores["kappa"], scores["max softmax (probe)"]
     correct = scores["oracle"] > 0
