@@ -38,7 +38,7 @@ class StepConfig:
     `train_state.Hyperparameters` input."""
 
     model: models.SiameseNet
-    method: str
+    method: methods.Method
     crops: augment.MultiCropConfig
     target: str
     loss_reduction: str
@@ -47,7 +47,7 @@ class StepConfig:
 
 
 def step_config(model: models.SiameseNet, config: ml_collections.ConfigDict) -> StepConfig:
-    return StepConfig(model=model, method=config.method, crops=crops_config(config),
+    return StepConfig(model=model, method=methods.get(config.method), crops=crops_config(config),
                       target=config.target, loss_reduction=config.loss_reduction,
                       ema_schedule=config.ema_schedule, fix_predictor_lr=config.fix_predictor_lr)
 
@@ -74,8 +74,7 @@ def train_step(state: TrainState, batch: Sequence[Array], rng: Array, hyper: Hyp
                                        method=models.SiameseNet.forward_views)
         targets = models.target_projections(model, outputs, list(batch[:num_global]), True,
                                             spec.target, state.target_variables)
-        loss, diagnostics = methods.get(spec.method).loss_of(outputs, targets,
-                                                             spec.loss_reduction)
+        loss, diagnostics = spec.method.loss_of(outputs, targets, spec.loss_reduction)
         return loss, (updates["batch_stats"], diagnostics)
 
     (loss, (batch_stats, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
