@@ -44,6 +44,7 @@ class Hyperparameters(struct.PyTreeNode):
     total_steps: Array
     warmup_steps: Array
     ema_decay: Array  # the EMA schedule's base tau (BYOL)
+    ema_gap: Array  # 1 - ema_decay, rounded once from float64 as optax's schedule takes it
 
 
 def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Hyperparameters:
@@ -51,7 +52,7 @@ def hyperparameters(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
     values = dict(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                   momentum=config.momentum, total_steps=config.num_epochs * steps_per_epoch,
                   warmup_steps=int(config.warmup_epochs * steps_per_epoch),
-                  ema_decay=config.ema_decay)
+                  ema_decay=config.ema_decay, ema_gap=1.0 - config.ema_decay)
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
     return Hyperparameters(**{k: np.asarray(v, dtype) for k, v in values.items()})
 
@@ -115,7 +116,7 @@ def ema_decay_at(hyper: Hyperparameters, count: Array, schedule: str) -> Array:
     """
     if schedule == "constant":
         return hyper.ema_decay
-    return 1.0 - _cosine_decay(1.0 - hyper.ema_decay, hyper.total_steps, count)
+    return 1.0 - _cosine_decay(hyper.ema_gap, hyper.total_steps, count)
 
 
 def make_optimizer(hyper: Hyperparameters, fix_predictor_lr: bool
