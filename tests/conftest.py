@@ -7,9 +7,11 @@ from tests.xla_flags import with_flags
 # Must be set before JAX starts its backend; the user's XLA_FLAGS (`make test-portable`) stay.
 os.environ["XLA_FLAGS"] = with_flags("--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One compilation cache for the test process and the training subprocesses it starts.
+# One compilation cache for the test process and the training subprocesses it starts, which
+# compile the same small programs again: every program is kept, not only those that took 1 s.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "vi_simsiam_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import jax  # noqa: E402  (after the environment set-up above)

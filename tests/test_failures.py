@@ -173,13 +173,15 @@ def test_one_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
 
 def test_slow_saves_and_evaluations_leave_a_healthy_run_running(pretrain_data, tmp_path):
     """Process 1's saves and kNN-monitor evaluations take 6 s, --peer_timeout_s 3: the watchdog
-    is off while a process saves, evaluates, or waits for its peer to, so both finish."""
+    is off while a process saves, evaluates, or waits for its peer to, so both finish (saves and
+    evaluations at steps 8 and 16)."""
     processes, logs = _start_processes(
         pretrain_data, tmp_path / "run", tmp_path, 2, False, "--peer_timeout_s=3",
-        "--config.eval_every_epochs=2", fault={"FAULT_PROCESS": "1", "FAULT": "slow:6"})
+        "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=8",
+        fault={"FAULT_PROCESS": "1", "FAULT": "slow:6"})
     statuses = [p.wait(timeout=600) for p in processes]
     assert statuses == [0, 0], [log.read_text()[-2000:] for log in logs]
-    assert "kNN top-1 on the local split" in logs[0].read_text()
+    assert "knn_top1_local_val" in logs[0].read_text()
 
 
 def test_a_failing_process_reports_its_own_error_and_its_peer_names_it(pretrain_data,

@@ -1,6 +1,7 @@
 """The pretraining loop: exact resume after SIGKILL, NaN handling, outputs, config errors."""
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import tensorflow as tf
 from tests import tiny_config
 from tests.pretrain_utils import ENV, REPO, command, config, restore
 from vi_simsiam_jax import (augment, checkpoints, config_schema, datasets, errors, loop,
-                            run_config)
+                            run_config, train)
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path):
     """8 steps, checkpoints every 2: killed after the first, resumed, equal to a whole run."""
@@ -58,6 +59,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pretrain_data, tmp_path)
     assert logged == [2, 4, 6, 8]
 
 
+def _fresh_step_cache(monkeypatch):
+    """The loop's pmapped steps are cached per `train.StepConfig` in the process: a function
+    patched inside the step takes a cache of its own (the test's, dropped after it)."""
+    monkeypatch.setattr(train, "_p_train_step", functools.cache(train._p_train_step.__wrapped__))
+
+
 def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_path, monkeypatch):
     nan_step = 3  # of the 4 steps of 1 epoch, checkpoints every 2
     nan_config = config(pretrain_data, num_epochs=1)
@@ -69,6 +76,7 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_p
                 for view in original(images, sizes, positions, key, crops)]
 
     monkeypatch.setattr(augment, "views", poisoned)
+    _fresh_step_cache(monkeypatch)
     with pytest.raises(FloatingPointError, match=f"at step {nan_step} ") as stopped:
         loop.pretrain(nan_config, str(tmp_path))
     assert "--allow_config_change=learning_rate" in str(stopped.value)  # how to go on
@@ -80,6 +88,7 @@ def test_nan_at_step_k_stops_and_keeps_last_good_checkpoint(pretrain_data, tmp_p
 
     # Going on with a lower rate: refused unless allowed, then recorded.
     monkeypatch.setattr(augment, "views", original)
+    _fresh_step_cache(monkeypatch)
     lower = config(pretrain_data, num_epochs=1, learning_rate=nan_config.learning_rate / 2)
     with pytest.raises(errors.UserError, match=r"--allow_config_change=learning_rate"):
         loop.pretrain(lower, str(tmp_path))
