@@ -58,8 +58,9 @@ def get_config(dataset_and_method: str = "imagenette,vi_simsiam") -> ml_collecti
     config.model = ml_collections.ConfigDict(dict(
         stem="imagenet", width=64, zero_init_residual=True, proj_hidden_dim=2048, dim=2048,
         pred_dim=512, kappa_map="softplus", kappa_min=1.0, bn_views="separate"))
-    # Convolution and pooling: "auto" (the XLA:CPU plans of vi_simsiam_jax.cpu on the CPU,
-    # XLA's own elsewhere) or "xla" (XLA's own everywhere). Same parameters and values.
+    # Convolution and pooling (vi_simsiam_jax.backends): "auto" (the XLA:CPU plans of
+    # vi_simsiam_jax.cpu on the CPU, XLA's own elsewhere), "xla" (XLA's own everywhere) or
+    # "cpu_<policy>" (the CPU plans with one policy). Same parameters and values.
     config.conv = "auto"
     # bfloat16 convolutions and dense layers (mixed precision, as flax's examples/imagenet);
     # parameters, optimiser state, BatchNorm statistics and the losses stay float32. Off: the
