@@ -70,9 +70,8 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
     over `axis_name` ("auto": `data_parallel_axis()`; None: per-device statistics). Convolution
     and pooling come from `backends.select(config.conv)` (same parameters on every backend).
 
-    half_precision (None: config.half_precision): the model computes its
-    convolutions and dense layers in bfloat16; its parameters and BatchNorm statistics are float32
-    either way (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
+    half_precision (None: config.half_precision): the model computes its convolutions and dense
+    layers in bfloat16; its parameters and BatchNorm statistics are float32 either way (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
     """
     if axis_name == "auto":
         axis_name = data_parallel_axis()
@@ -114,6 +113,7 @@ def ema_decay_at(hyper: Hyperparameters, count: Array, schedule: str) -> Array:
     "cosine" (default, BYOL Sec. 3.2): tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from
     tau_base = config.ema_decay at step 0 to 1 at the last step K. "constant": tau_base always.
     """
+    assert schedule in EMA_SCHEDULES, schedule  # config_schema checks the config's value
     if schedule == "constant":
         return hyper.ema_decay
     return 1.0 - _cosine_decay(hyper.ema_gap, hyper.total_steps, count)
