@@ -71,7 +71,8 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None | Litera
     and pooling come from `backends.select(config.conv)` (same parameters on every backend).
 
     half_precision (None: config.half_precision): the model computes its convolutions and dense
-    layers in bfloat16; its parameters and BatchNorm statistics are float32 either way (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
+    layers in bfloat16; its parameters and BatchNorm statistics are float32 either way
+    (`models.BatchNorm`, flax's param_dtype), so a checkpoint does not depend on it.
     """
     if axis_name == "auto":
         axis_name = data_parallel_axis()
