@@ -187,9 +187,10 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: str, train_step: Any,
     """The steps from `state` (replicated) to the end, with logging, the evaluations,
     checkpoints and the SIGTERM vote; returns the final state (one copy)."""
     total_steps = config.num_epochs * steps_per_epoch
-    log = StepLog(config, workdir, int(_unreplicate(state.step)), steps_per_epoch)
+    start_step = int(_unreplicate(state.step))
+    log = StepLog(config, workdir, start_step, steps_per_epoch)
     try:
-        for step in range(int(_unreplicate(state.step)), total_steps):
+        for step in range(start_step, total_steps):
             state, metrics = train_step(state, next(batches))
             metrics = jax.device_get(_unreplicate(metrics))
             if not metrics.pop("finite"):
