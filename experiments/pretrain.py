@@ -36,8 +36,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with JAX's auto-detection "
                                  "(TPU pods, SLURM).")
 _PEER_TIMEOUT = flags.DEFINE_float(
-    "peer_timeout_s", 120.0, "Several processes: seconds without a completed step after which "
-    "a process stops, its peer taken for lost (the compilation does not count).")
+    "peer_timeout_s", 120.0, "Several processes: seconds without a completed step (the "
+    "compilation, saves and evaluations do not count), or without a sign of life from a "
+    "peer's watchdog, after which a process stops, its peer taken for lost.")
 _LOCK_WORKDIR = flags.DEFINE_bool(
     "lock_workdir", True, "Hold a lock on --workdir while training, so that no second run "
     "writes there. --nolock_workdir: for filesystems without locking, at your own risk.")

@@ -184,6 +184,30 @@ def test_slow_saves_and_evaluations_leave_a_healthy_run_running(pretrain_data, t
     assert "knn_top1_local_val" in logs[0].read_text()
 
 
+def test_a_peer_lost_while_a_process_waits_at_a_barrier(pretrain_data, tmp_path):
+    """Process 1 dies during its (slow) kNN-monitor evaluation while process 0, done with its
+    own, waits at the barrier after it, where no collective fails: process 0 stops once process
+    1 gives no sign of life for --peer_timeout_s (EXIT_LOST_PEER, a message), before the
+    coordination service notices the missed heartbeats and aborts it."""
+    processes, logs = _start_processes(
+        pretrain_data, tmp_path / "run", tmp_path, 2, False, "--peer_timeout_s=5",
+        "--config.eval_every_epochs=1", "--config.checkpoint_every_steps=8",
+        fault={"FAULT_PROCESS": "1", "FAULT": "slow:600"})
+    while "Extracted" not in logs[0].read_text():
+        assert all(p.poll() is None for p in processes), "a process ended too early"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    processes[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    assert processes[0].wait(timeout=300) == run_control.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
+    assert time.time() - start < 60
+    processes[1].wait()
+    survivor = logs[0].read_text()
+    assert "Process 0 of 2: process 1 gave no sign of life for 5 s" in survivor
+    assert "resumes from its start (no checkpoint yet)" in survivor
+    assert "Fatal Python error" not in survivor
+
+
 def test_a_failing_process_reports_its_own_error_and_its_peer_names_it(pretrain_data,
                                                                         tmp_path):
     """Process 1's save of step 4 fails (a full disk): it exits 1 with its own error, and
@@ -310,3 +334,47 @@ def test_watchdog_ends_a_multihost_process_whose_step_hangs(monkeypatch, capfd):
         watchdog.stop()
     assert exits[:1] == [run_control.EXIT_LOST_PEER]
     assert "No progress for 1 s. no step has completed: a peer is gone" in capfd.readouterr().err
+
+
+class _KeyValueStore:
+    """The coordination service's key-value store, as the watchdog uses it."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+
+    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+        assert allow_overwrite or key not in self.values
+        self.values[key] = value
+
+    def key_value_dir_get(self, directory: str) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in self.values.items() if k.startswith(directory)]
+
+
+def test_watchdog_ends_a_process_whose_peer_gives_no_sign_of_life(monkeypatch, capfd):
+    """Process 1's sign of life changes, then stops changing: process 0 exits (EXIT_LOST_PEER)
+    after the timeout, paused or not; a peer whose watchdog stopped (its run ended) is not
+    lost. Process 0 gives its own sign of life meanwhile, and marks it stopped at the end."""
+    exits, store = [], _KeyValueStore()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(run_control, "_client", lambda: store)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    store.values["vi_simsiam/exiting/1"] = "1"  # exit_now does not wait for process 1
+    watchdog = run_control.Watchdog(1.0, lambda cause: f"{cause}: a peer is gone")
+    try:
+        with watchdog.paused():
+            store.values["vi_simsiam/alive/1"] = run_control._STOPPED
+            time.sleep(2.5)
+            assert exits == []
+            for sign in range(10):  # alive
+                store.values["vi_simsiam/alive/1"] = str(sign)
+                time.sleep(0.25)
+            assert exits == []
+            assert store.values["vi_simsiam/alive/0"] != run_control._STOPPED
+            deadline = time.time() + 10
+            while not exits and time.time() < deadline:
+                time.sleep(0.1)
+    finally:
+        watchdog.stop()
+    assert exits[:1] == [run_control.EXIT_LOST_PEER]
+    assert "process 1 gave no sign of life for 1 s: a peer is gone" in capfd.readouterr().err
+    assert store.values["vi_simsiam/alive/0"] == run_control._STOPPED

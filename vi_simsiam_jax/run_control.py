@@ -26,6 +26,8 @@ EXIT_LOST_PEER = 75
 # How long a failing process waits for its peers to read its failure report before it exits.
 _REPORT_WAIT_S = 10.0
 _FAILED, _SEEN, _EXITING = "vi_simsiam/failed/", "vi_simsiam/seen/", "vi_simsiam/exiting/"
+# Each watchdog's sign of life (a value that changes every second), or _STOPPED once it stops.
+_ALIVE, _STOPPED = "vi_simsiam/alive/", "stopped"
 
 
 class Preempted(Exception):
@@ -44,7 +46,8 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # The coordination service would abort a process whose peer stopped beating; the watchdog
-    # stops it first, with a message (at peer_timeout_s, a failed collective at once).
+    # stops it first, with a message (a failed collective at once, a silent peer or no step at
+    # peer_timeout_s).
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=int(peer_timeout_s) + 60)
 
@@ -112,7 +115,8 @@ def lost_peer_message(cause: str, latest_step: int | None) -> str:
               "died (killed, out of memory, host lost)")
     return (f"Process {jax.process_index()} of {jax.process_count()}: {reason}. Relaunch all "
             "processes with the same command (once the cause is fixed): the run resumes from "
-            f"the newest checkpoint (step {latest_step}).")
+            + (f"the newest checkpoint (step {latest_step})." if latest_step is not None
+               else "its start (no checkpoint yet)."))
 
 
 class Preemption:
@@ -144,14 +148,18 @@ class Preemption:
 
 class Watchdog:
     """In a multi-process run, ends this process (EXIT_LOST_PEER, with a message) when a peer
-    reports a failure, or when no step completes for timeout_s: a lost peer that no collective
-    reports, e.g. one that hangs. The timer is armed by `beat` (after each step; the
-    compilation does not count) and off inside `paused()` (saves, barriers, evaluations)."""
+    reports a failure, when a peer's watchdog gives no sign of life for timeout_s (a process
+    that died while this one waits at a barrier, where no collective fails), or when no step
+    completes for timeout_s (a lost peer that no collective reports, e.g. one that hangs). The
+    step timer is armed by `beat` (after each step; the compilation does not count) and off
+    inside `paused()` (saves, barriers, evaluations)."""
 
     def __init__(self, timeout_s: float, describe: Callable[[str], str]):
         self._timeout_s, self._describe = timeout_s, describe
         self._deadline: float | None = None
         self._stopped = threading.Event()
+        self._signs_lock = threading.Lock()  # no sign of life once _STOPPED is written
+        self._peer_signs: dict[str, tuple[str, float]] = {}  # key: (value, when it changed)
         self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
         if jax.process_count() > 1:
             self._thread.start()
@@ -167,7 +175,35 @@ class Watchdog:
         self.beat()
 
     def stop(self) -> None:
-        self._stopped.set()
+        """Stops watching; the peers stop watching this process's signs of life."""
+        with self._signs_lock:
+            self._stopped.set()
+            if (client := _client()) is not None:
+                with contextlib.suppress(Exception):
+                    client.key_value_set(f"{_ALIVE}{jax.process_index()}", _STOPPED,
+                                         allow_overwrite=True)
+
+    def _silent_peer(self) -> str | None:
+        """Gives this process's sign of life; the first peer whose sign of life has not
+        changed for timeout_s, if any."""
+        client, now = _client(), time.monotonic()
+        mine = f"{_ALIVE}{jax.process_index()}"
+        try:
+            with self._signs_lock:
+                if self._stopped.is_set():
+                    return None
+                client.key_value_set(mine, str(now), allow_overwrite=True)
+            signs = client.key_value_dir_get(_ALIVE)
+        except Exception:  # the coordination service went with its process  # noqa: BLE001
+            return None
+        for key, value in signs:
+            if key == mine or value == _STOPPED:
+                continue
+            if self._peer_signs.get(key, (None,))[0] != value:
+                self._peer_signs[key] = (value, now)
+            elif now - self._peer_signs[key][1] > self._timeout_s:
+                return key.rsplit("/", 1)[-1]
+        return None
 
     def report_failure(self, error: BaseException) -> None:
         """Stops watching and tells the peers this process failed with `error`, waiting (up
@@ -190,6 +226,10 @@ class Watchdog:
                 sys.stderr.write(f"\n{self._describe(failure)}\n")
                 with contextlib.suppress(Exception):
                     _client().key_value_set(f"{_SEEN}{jax.process_index()}", "1")
+                exit_now(EXIT_LOST_PEER)
+            if (silent := self._silent_peer()) is not None:
+                cause = f"process {silent} gave no sign of life for {self._timeout_s:g} s"
+                sys.stderr.write(f"\n{self._describe(cause)}\n")
                 exit_now(EXIT_LOST_PEER)
             if self._deadline is not None and time.monotonic() > self._deadline:
                 sys.stderr.write(f"\nNo progress for {self._timeout_s:g} s. "
