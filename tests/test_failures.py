@@ -128,13 +128,22 @@ def _wait_for(path, processes, seconds: float = 600) -> None:
     assert path.exists()
 
 
-def test_one_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
-    """2 processes x 1 device: SIGTERM to process 1 alone, both agree on a step, save it once,
-    exit 143; relaunched, SIGKILL to process 1, process 0 stops at once (status EXIT_LOST_PEER,
-    a message saying how to resume, no abort in JAX's shutdown); relaunched again, the run ends
-    bit for bit where an uninterrupted run ends (one program, float32)."""
+def test_one_slow_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
+    """2 processes x 1 device. Uninterrupted, process 1's saves and kNN-monitor evaluations
+    take 6 s, --peer_timeout_s 3: the watchdog is off while a process saves, evaluates, or
+    waits for its peer to, so both finish. Then SIGTERM to process 1 alone: both agree on a
+    step, save it once, exit 143; relaunched, SIGKILL to process 1, process 0 stops at once
+    (status EXIT_LOST_PEER, a message saying how to resume, no abort in JAX's shutdown);
+    relaunched again, the run ends bit for bit where the uninterrupted run ends (one program,
+    float32; evaluations and checkpoints leave the training unchanged)."""
     reference = tmp_path / "uninterrupted"
-    _run_processes(pretrain_data, reference, tmp_path, 2, float64=False)
+    processes, logs = _start_processes(
+        pretrain_data, reference, tmp_path, 2, False, "--peer_timeout_s=3",
+        "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=8",
+        fault={"FAULT_PROCESS": "1", "FAULT": "slow:6"})
+    statuses = [p.wait(timeout=600) for p in processes]
+    assert statuses == [0, 0], [log.read_text()[-2000:] for log in logs]
+    assert "knn_top1_local_val" in logs[0].read_text()
 
     workdir = tmp_path / "run"
     processes, logs = _start_processes(pretrain_data, workdir, tmp_path, 2, float64=False)
@@ -169,19 +178,6 @@ def test_one_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(final, name),
                      getattr(expected, name))
-
-
-def test_slow_saves_and_evaluations_leave_a_healthy_run_running(pretrain_data, tmp_path):
-    """Process 1's saves and kNN-monitor evaluations take 6 s, --peer_timeout_s 3: the watchdog
-    is off while a process saves, evaluates, or waits for its peer to, so both finish (saves and
-    evaluations at steps 8 and 16)."""
-    processes, logs = _start_processes(
-        pretrain_data, tmp_path / "run", tmp_path, 2, False, "--peer_timeout_s=3",
-        "--config.eval_every_epochs=2", "--config.checkpoint_every_steps=8",
-        fault={"FAULT_PROCESS": "1", "FAULT": "slow:6"})
-    statuses = [p.wait(timeout=600) for p in processes]
-    assert statuses == [0, 0], [log.read_text()[-2000:] for log in logs]
-    assert "knn_top1_local_val" in logs[0].read_text()
 
 
 def test_a_peer_lost_while_a_process_waits_at_a_barrier(pretrain_data, tmp_path):
