@@ -5,7 +5,13 @@ import tempfile
 from tests.xla_flags import with_flags
 
 # Must be set before JAX starts its backend; the user's XLA_FLAGS (`make test-portable`) stay.
-os.environ["XLA_FLAGS"] = with_flags("--xla_force_host_platform_device_count=8")
+# The suite's programs are small and run a few steps, so compiling them is most of its time, and
+# XLA's backend (LLVM) optimisation most of that: at level 0 the same HLO compiles about twice
+# as fast (benchmarks/README.md, "Test suite time"). A level in the user's XLA_FLAGS is kept.
+_OPTIMISATION = "--xla_backend_optimization_level"
+os.environ["XLA_FLAGS"] = with_flags(
+    "--xla_force_host_platform_device_count=8",
+    *([] if _OPTIMISATION in os.environ.get("XLA_FLAGS", "") else [f"{_OPTIMISATION}=0"]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the test process and the training subprocesses it starts, which
 # compile the same small programs again: every program is kept, not only those that took 1 s.

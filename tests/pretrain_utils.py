@@ -14,11 +14,9 @@ from vi_simsiam_jax import checkpoints, run_config, train_state
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Training subprocesses (entry points, signals, resumes) run on one CPU device, the multi-device
 # step being tested in-process, and all with the tiny config's 2 epochs: one program, which the
-# persistent compilation cache (conftest.py) compiles once for all of them. They test what the
-# entry points do, not float32 roundoff, so XLA compiles them at backend optimisation level 0
-# (faster to compile, and the tiny step runs as fast).
-ENV = {**os.environ, "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1",
-                                             "--xla_backend_optimization_level=0")}
+# persistent compilation cache (conftest.py) compiles once for all of them, at the test
+# process's optimisation level.
+ENV = {**os.environ, "XLA_FLAGS": with_flags("--xla_force_host_platform_device_count=1")}
 
 
 def config(data: tuple[str, str], **overrides):

@@ -38,15 +38,11 @@ def _random_variables(model: nn.Module, x_shape, seed: int = 0):
     return jax.tree_util.tree_map_with_path(fill, _shape_init(model, x_shape))
 
 
-# XLA's CPU backend optimisations take most of the compile time of these tiny networks.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
 def _run(net: nn.Module, variables, inputs, train: bool, method=None, **kwargs):
     """net.apply under jit (one XLA compile, instead of one per op in eager mode); with train,
     returns (output, updated batch_stats) like apply with mutable=["batch_stats"]."""
     mutable = ["batch_stats"] if train else False
-    return _jit(lambda v, x: net.apply(v, x, train, method=method, mutable=mutable, **kwargs))(
+    return jax.jit(lambda v, x: net.apply(v, x, train, method=method, mutable=mutable, **kwargs))(
         variables, inputs)
 
 
@@ -97,7 +93,7 @@ def test_stem_padding_is_torchvision_symmetric():
     model = models.ResNet18(stem="imagenet", width=2)
     x = _normal((1, 20, 20, 3), seed=1)
     variables = _random_variables(model, x.shape)
-    _, state = _jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+    _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
                                                 mutable=["intermediates"]))(variables, x)
     out = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
     kernel = np.asarray(variables["params"]["conv1"]["kernel"], np.float64)
@@ -126,7 +122,7 @@ def test_conv_is_injectable():
 
 def test_zero_init_residual():
     model = models.ResNet18(stem="cifar", width=2, zero_init_residual=True)
-    init = _jit(functools.partial(model.init, train=False))
+    init = jax.jit(functools.partial(model.init, train=False))
     params = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 8, 8, 3)))["params"]
     for stage in range(1, 5):
         for block in range(2):
@@ -342,7 +338,7 @@ def test_target_projections():
         net, variables, views = _tiny_setup(dtype=jnp.float64)
         global_views = views[:2]
 
-        @functools.partial(_jit, static_argnums=1)
+        @functools.partial(jax.jit, static_argnums=1)
         def targets(params, target, target_params):
             outs, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
                                 global_views, True, method=models.SiameseNet.forward_views,
@@ -378,7 +374,7 @@ def test_end_to_end_multicrop_gradients():
         targets = models.target_projections(net, outs, views[:2], True)
         return methods.get("vi_simsiam").loss_of(outs, targets)
 
-    (loss, metrics), grads = _jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     assert np.isfinite(float(loss)) and all(np.isfinite(float(m)) for m in metrics.values())
     for group in ("backbone", "projector", "predictor"):
         assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads[group]))) > 0
