@@ -124,6 +124,19 @@ def _wait_for(path, processes, seconds: float = 600) -> None:
     assert path.exists()
 
 
+def _kill_process_1(processes: list[subprocess.Popen], logs) -> str:
+    """SIGKILL to process 1 of 2: process 0 must stop within 60 s with EXIT_LOST_PEER, not
+    abort; its log."""
+    processes[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    assert processes[0].wait(timeout=300) == run_control.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
+    assert time.time() - start < 60
+    processes[1].wait()
+    survivor = logs[0].read_text()
+    assert "Fatal Python error" not in survivor
+    return survivor
+
+
 def test_one_slow_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
     """2 processes x 1 device. Uninterrupted, process 1's saves and kNN-monitor evaluations
     take 6 s, --peer_timeout_s 3: the watchdog is off while a process saves, evaluates, or
@@ -156,16 +169,10 @@ def test_one_slow_preempted_or_lost_process_of_two(pretrain_data, tmp_path):
     processes, logs = _start_processes(pretrain_data, workdir, tmp_path, 2, float64=False)
     next_checkpoint = preempted_at + 2 - preempted_at % 2
     _wait_for(workdir / "checkpoints" / str(next_checkpoint) / "commit_success.txt", processes)
-    processes[1].send_signal(signal.SIGKILL)
-    start = time.time()
-    assert processes[0].wait(timeout=300) == run_control.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
-    assert time.time() - start < 60
-    processes[1].wait()
-    survivor = logs[0].read_text()
+    survivor = _kill_process_1(processes, logs)
     assert f"Resuming at step {preempted_at}" in survivor
     assert "another process of the run has most likely died" in survivor
     assert "Relaunch all processes with the same command" in survivor
-    assert "Fatal Python error" not in survivor
 
     _run_processes(pretrain_data, workdir, tmp_path, 2, float64=False)
     final, expected = restore(workdir), restore(reference)
@@ -189,15 +196,9 @@ def test_a_peer_lost_while_a_process_waits_at_a_barrier(pretrain_data, tmp_path)
         assert all(p.poll() is None for p in processes), "a process ended too early"
         time.sleep(0.05)
     time.sleep(1.0)
-    processes[1].send_signal(signal.SIGKILL)
-    start = time.time()
-    assert processes[0].wait(timeout=300) == run_control.EXIT_LOST_PEER, logs[0].read_text()[-3000:]
-    assert time.time() - start < 60
-    processes[1].wait()
-    survivor = logs[0].read_text()
+    survivor = _kill_process_1(processes, logs)
     assert "Process 0 of 2: process 1 gave no sign of life for 5 s" in survivor
     assert "resumes from its start (no checkpoint yet)" in survivor
-    assert "Fatal Python error" not in survivor
 
 
 def test_a_failing_process_reports_its_own_error_and_its_peer_names_it(pretrain_data,
@@ -305,6 +306,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(pretrain_data, tmp_path)
     assert int(restore(tmp_path).step) == 8
 
 
+def _wait_for_exit(exits: list[int]) -> None:
+    """Up to 10 s, until the watchdog calls os._exit (patched to append to `exits`)."""
+    deadline = time.time() + 10
+    while not exits and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_watchdog_ends_a_multihost_process_whose_step_hangs(monkeypatch, capfd):
     """A peer that hangs (no collective fails): after the timeout without a step the process
     exits with EXIT_LOST_PEER and says why; paused (a local evaluation) it waits."""
@@ -319,9 +327,7 @@ def test_watchdog_ends_a_multihost_process_whose_step_hangs(monkeypatch, capfd):
         with watchdog.paused():
             time.sleep(2.5)
             assert exits == []  # paused
-        deadline = time.time() + 10
-        while not exits and time.time() < deadline:
-            time.sleep(0.1)
+        _wait_for_exit(exits)
     finally:
         watchdog.stop()
     assert exits[:1] == [run_control.EXIT_LOST_PEER]
@@ -362,9 +368,7 @@ def test_watchdog_ends_a_process_whose_peer_gives_no_sign_of_life(monkeypatch, c
                 time.sleep(0.25)
             assert exits == []
             assert store.values["vi_simsiam/alive/0"] != run_control._STOPPED
-            deadline = time.time() + 10
-            while not exits and time.time() < deadline:
-                time.sleep(0.1)
+            _wait_for_exit(exits)
     finally:
         watchdog.stop()
     assert exits[:1] == [run_control.EXIT_LOST_PEER]
