@@ -28,6 +28,9 @@ _REPORT_WAIT_S = 10.0
 _FAILED, _SEEN, _EXITING = "vi_simsiam/failed/", "vi_simsiam/seen/", "vi_simsiam/exiting/"
 # Each watchdog's sign of life (a value that changes every second), or _STOPPED once it stops.
 _ALIVE, _STOPPED = "vi_simsiam/alive/", "stopped"
+# A peer whose sign of life has not changed for this long is dead to a process about to exit: it
+# is not waited for (a live watchdog rewrites its sign every second).
+_DEAD_AFTER_S = 3.0
 
 
 class Preempted(Exception):
@@ -57,14 +60,37 @@ def _client():
     return distributed.global_state.client if jax.process_count() > 1 else None
 
 
+class _SignsOfLife:
+    """When each peer's sign of life (`_ALIVE`, rewritten every second by its watchdog) last
+    changed, as this process saw it; a peer whose watchdog stopped (`_STOPPED`) is not silent."""
+
+    def __init__(self):
+        self._seen: dict[str, tuple[str, float]] = {}  # process: (value, when it changed)
+
+    def silent(self, signs: list[tuple[str, str]], seconds: float) -> list[str]:
+        """The processes among `signs` (the `_ALIVE` directory) whose sign has not changed
+        for `seconds`."""
+        now, silent = time.monotonic(), []
+        for key, value in signs:
+            process = key.rsplit("/", 1)[-1]
+            if value == _STOPPED:
+                continue
+            if self._seen.get(process, (None,))[0] != value:
+                self._seen[process] = (value, now)
+            elif now - self._seen[process][1] > seconds:
+                silent.append(process)
+        return silent
+
+
 def _wait_for_peers(*directories: str) -> None:
     """Waits (up to _REPORT_WAIT_S) until every other process has a key in one of the
-    coordination service's `directories`."""
+    coordination service's `directories` or has died (no sign of life for _DEAD_AFTER_S)."""
     client, me = _client(), str(jax.process_index())
-    deadline = time.monotonic() + _REPORT_WAIT_S
+    deadline, signs = time.monotonic() + _REPORT_WAIT_S, _SignsOfLife()
     while time.monotonic() < deadline:
         answered = {key.rsplit("/", 1)[-1] for directory in directories
                     for key, _ in client.key_value_dir_get(directory)}
+        answered.update(signs.silent(client.key_value_dir_get(_ALIVE), _DEAD_AFTER_S))
         if len(answered - {me}) >= jax.process_count() - 1:
             return
         time.sleep(0.2)
@@ -159,7 +185,7 @@ class Watchdog:
         self._deadline: float | None = None
         self._stopped = threading.Event()
         self._signs_lock = threading.Lock()  # no sign of life once _STOPPED is written
-        self._peer_signs: dict[str, tuple[str, float]] = {}  # key: (value, when it changed)
+        self._peer_signs = _SignsOfLife()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
         if jax.process_count() > 1:
             self._thread.start()
@@ -186,24 +212,16 @@ class Watchdog:
     def _silent_peer(self) -> str | None:
         """Gives this process's sign of life; the first peer whose sign of life has not
         changed for timeout_s, if any."""
-        client, now = _client(), time.monotonic()
-        mine = f"{_ALIVE}{jax.process_index()}"
+        client, mine = _client(), f"{_ALIVE}{jax.process_index()}"
         try:
             with self._signs_lock:
                 if self._stopped.is_set():
                     return None
-                client.key_value_set(mine, str(now), allow_overwrite=True)
-            signs = client.key_value_dir_get(_ALIVE)
+                client.key_value_set(mine, str(time.monotonic()), allow_overwrite=True)
+            signs = [sign for sign in client.key_value_dir_get(_ALIVE) if sign[0] != mine]
         except Exception:  # the coordination service went with its process  # noqa: BLE001
             return None
-        for key, value in signs:
-            if key == mine or value == _STOPPED:
-                continue
-            if self._peer_signs.get(key, (None,))[0] != value:
-                self._peer_signs[key] = (value, now)
-            elif now - self._peer_signs[key][1] > self._timeout_s:
-                return key.rsplit("/", 1)[-1]
-        return None
+        return next(iter(self._peer_signs.silent(signs, self._timeout_s)), None)
 
     def report_failure(self, error: BaseException) -> None:
         """Stops watching and tells the peers this process failed with `error`, waiting (up
