@@ -164,10 +164,17 @@ def init_variables(rng: Array, config: ml_collections.ConfigDict, model: models.
     as the tests' tiny config has, with jax_enable_x64): a step without float32 rounding, with
     which the tests check that two programs (one process or several) compute the same step."""
     views = [jnp.zeros(shape, jnp.float32) for shape in view_shapes(config, 2)[:1]]
-    variables = jax.jit(functools.partial(model.init, method=models.SiameseNet.forward_views),
-                        static_argnums=2)(rng, views, False)
+    variables = _jitted_init(model)(rng, views, False)
     storage = jnp.promote_types(jnp.float32, model.dtype)
     return jax.tree.map(lambda a: a.astype(storage), dict(variables))
+
+
+@functools.cache
+def _jitted_init(model: models.SiameseNet):
+    """model.init over a list of views, jitted once per model: the runs and restores of a process
+    that build equal models share one trace."""
+    return jax.jit(functools.partial(model.init, method=models.SiameseNet.forward_views),
+                   static_argnums=2)
 
 
 def create_train_state(rng: Array, config: ml_collections.ConfigDict, model: models.SiameseNet
