@@ -196,3 +196,19 @@ def test_sensitivity_arm_and_a_verdict_that_depends_on_the_rate(tmp_path):
     assert ("| imagewoof | 3 | 21.00 / 18.00; z_std 0.40 @ 30 → 1.00 (collapsed) | 25.50 / "
             "20.00; z_std 0.40 @ 30 → 1.00 (collapsed) |  | 24.00 / 21.00; z_std 0.40 @ 30 → "
             "1.00 (collapsed) |") in table
+
+
+def test_headline_marks_a_verdict_that_one_seed_left_out_changes(tmp_path):
+    # Both datasets' intervals lie above 0; only "fragile"'s loses that with one seed left out.
+    differences = {"robust": [1.0, 2.0, 1.5, 1.2], "fragile": [1.0, 3.0, 1.5, 1.2]}
+    for (dataset, by_seed), method in itertools.product(differences.items(),
+                                                        ("simsiam", "vi_simsiam")):
+        for seed, difference in enumerate(by_seed):
+            top1 = 30 + (difference if method == "vi_simsiam" else 0)
+            _record(tmp_path / f"{dataset}_{method}_seed{seed}.json", dataset, method, seed,
+                    top1, 20)
+    headline = table1_report.headline(table1_report.summarize(str(tmp_path)))
+    verdicts = headline.splitlines()[0].split("interval): ")[1]
+    assert sorted(verdicts.rstrip(".").split("; ")) == [
+        "fragile: VI-SimSiam ahead (changes with any one of seeds 0, 2, 3 left out)",
+        "robust: VI-SimSiam ahead"]
